@@ -1,0 +1,167 @@
+"""Our MambaOut against timm's: names, sizes, logits, features, options of the registry."""
+import pytest
+import timm
+import torch
+from timm.data import resolve_data_config
+
+from mambaout import create_model, list_models
+from mambaout.checkpoint import load_weights, save_weights, to_original_layout
+from mambaout.models.mambaout import PRETRAINED_CFGS, VARIANTS
+from mambaout.models.published import PUBLISHED
+
+# Noise (std) added to timm's init, so every parameter (LayerScale, norms, biases) shapes the logits.
+PERTURBATION = 0.02
+
+
+def randomized_timm_model(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * PERTURBATION)
+    return model
+
+
+def drop_path_rates(model: torch.nn.Module) -> list[float]:
+    return [getattr(block.drop_path, 'drop_prob', 0.0) for stage in model.stages for block in stage.blocks]
+
+
+@pytest.mark.parametrize('name', list(VARIANTS))
+def test_variant_matches_timm(name):
+    reference = randomized_timm_model(name)
+    model = create_model(name).eval()
+
+    assert list(model.state_dict()) == list(reference.state_dict())
+    num_params = sum(p.numel() for p in model.parameters())
+    assert num_params == sum(p.numel() for p in reference.parameters())
+    if name in PUBLISHED:
+        assert num_params == PUBLISHED[name].params
+
+    batch = 2 if name in ('mambaout_femto', 'mambaout_kobe') else 1
+    images = torch.randn(batch, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(images)
+        load_weights(model, reference.state_dict())
+        torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-4)
+        if name in PUBLISHED:  # the release layout maps onto the same weights
+            for param in model.parameters():
+                param.zero_()
+            load_weights(model, to_original_layout(reference.state_dict()))
+            torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-4)
+
+        maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)
+    dims = VARIANTS[name]['dims']
+    assert [tuple(m.shape) for m in maps] == [(1, dim, 64 // stride, 64 // stride)
+                                             for dim, stride in zip(dims, (4, 8, 16, 32), strict=True)]
+
+    for key, value in model.pretrained_cfg.items():
+        if key != 'url':  # timm has no URL for the original release
+            assert reference.pretrained_cfg[key] == value, key
+    assert resolve_data_config(model=model) == resolve_data_config(model=reference)
+
+
+def test_pretrained_configs():
+    assert list(PRETRAINED_CFGS) == list(VARIANTS) == list_models()
+    for name in PUBLISHED:
+        cfg = PRETRAINED_CFGS[name]
+        assert (cfg['input_size'], cfg['crop_pct'], cfg['interpolation']) == ((3, 224, 224), 1.0, 'bicubic')
+        assert cfg['url'] == f'https://github.com/yuweihao/MambaOut/releases/download/model/{name}.pth'
+    assert list_models('*_rw') == [name for name in VARIANTS if name.endswith('_rw')]
+
+
+def test_features_only():
+    model = create_model('mambaout_femto', features_only=True).eval()
+    assert not any(key.startswith('head.') for key in model.state_dict())
+    with torch.no_grad():
+        maps = model(torch.randn(2, 3, 64, 64))
+    assert [m.shape[1] for m in maps] == [info['num_chs'] for info in model.feature_info] == [48, 96, 192, 288]
+    assert [64 // m.shape[-1] for m in maps] == [info['reduction'] for info in model.feature_info] == [4, 8, 16, 32]
+    assert all(m.is_contiguous() for m in maps)  # channels-first [B, C, H, W]
+
+
+def test_forward_intermediates_selection():
+    model = create_model('mambaout_femto').eval()
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(torch.randn(1, 3, 64, 64), indices=[0, -1], output_fmt='NHWC')
+    assert [m.shape[-1] for m in maps] == [48, 288]
+    assert torch.equal(final, maps[-1])
+
+
+def test_forward_head():
+    model = create_model('mambaout_femto', num_classes=10).eval()
+    with torch.no_grad():
+        features = model.forward_features(torch.randn(2, 3, 64, 64))
+        assert features.shape == (2, 2, 2, 288)  # channels-last
+        assert model.forward_head(features, pre_logits=True).shape == (2, 4 * 288)
+        assert model.forward_head(features).shape == (2, 10)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    images = torch.randn(2, 3, 32, 32)
+
+    def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = create_model('mambaout_femto', drop_path_rate=0.2, grad_checkpointing=checkpointing)
+        torch.manual_seed(1)  # the same drop-path draws, which checkpointing must replay
+        model(images).square().mean().backward()
+        return {name: param.grad for name, param in model.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_drop_path_rates_rise_linearly_over_all_blocks():
+    model = create_model('mambaout_small', drop_path_rate=0.4)
+    with torch.device('meta'):
+        reference = timm.create_model('mambaout_small', drop_path_rate=0.4)
+    assert drop_path_rates(model) == pytest.approx(torch.linspace(0, 0.4, 37).tolist())
+    assert drop_path_rates(model) == drop_path_rates(reference)
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(ValueError, match='mambaout_femto') as info:
+        create_model('mambaout_femtoo')
+    assert 'mambaout_tiny' in str(info.value)
+
+
+def test_timm_fallback():
+    model = create_model('resnet18', num_classes=7, head_dropout=0.25).eval()
+    assert isinstance(model, timm.models.ResNet) and model.drop_rate == 0.25
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_overrides():
+    model = create_model('mambaout_femto', num_classes=10, head_dropout=0.3, in_chans=1, grad_checkpointing=True)
+    assert model.head.dropout.p == 0.3 and all(stage.grad_checkpointing for stage in model.stages)
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+
+    headless = create_model('mambaout_femto', num_classes=0).eval()
+    assert headless(torch.randn(2, 3, 32, 32)).shape == (2, 4 * 288)
+
+    custom = create_model('mambaout_femto', depths=(1, 1, 2, 1), dims=(16, 32, 48, 64), num_classes=5)
+    assert [len(stage.blocks) for stage in custom.stages] == [1, 1, 2, 1]
+    assert custom(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+def test_reset_classifier():
+    model = create_model('mambaout_femto').eval()
+    model.reset_classifier(3)
+    assert model.num_classes == 3
+    assert model.get_classifier().bias.abs().sum() == 0  # freshly initialised
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+        model.reset_classifier(0)
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 4 * 288)
+
+
+@pytest.mark.parametrize('layout, filename', [('timm', 'model.safetensors'), ('original', 'mambaout_femto.pth')])
+def test_weight_files_reproduce_timm_logits(tmp_path, layout, filename):
+    reference = randomized_timm_model('mambaout_femto')
+    save_weights(reference.state_dict(), tmp_path / filename, layout=layout)
+    model = create_model('mambaout_femto', checkpoint=tmp_path / filename).eval()
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=1e-4)
