@@ -1,0 +1,196 @@
+"""Keyed randomness and the batch arithmetic of ``docs/DESIGN.md``.
+
+Every random draw of the data pipeline is seeded by a key such as ``(seed, "sample", epoch, index)``
+instead of reading a stream that carries over between samples, so results do not depend on the
+number of workers, shards or devices, nor on where a run was interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import operator
+import random
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+PAD_INDEX = -1
+"""Index of a padding row: datasets return a zero image with target -1 for it."""
+
+SampleKey = tuple[int, int]
+"""What the training batch sampler yields per sample: ``(index, sample_seed)``."""
+
+
+def derive_seed(*parts: int | str) -> int:
+    """Hashes ``parts`` (ints and strings) into a non-negative 63-bit seed.
+
+    The same parts give the same seed on every platform and Python run (``hash()`` is salted per
+    process, so it is not used). ``derive_seed(1)`` and ``derive_seed("1")`` differ.
+    """
+    canonical = [part if isinstance(part, str) else operator.index(part) for part in parts]
+    encoded = json.dumps(canonical, separators=(",", ":")).encode()
+    digest = hashlib.blake2b(encoded, digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Seeds python ``random``, numpy's global RNG and torch's CPU RNG from ``seed`` for the
+    duration of the block, then restores the three previous states.
+
+    Restoring matters when the data is loaded in the main process (``num_workers=0``): the draws
+    inside the block must not shift the streams the caller continues with.
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    torch_state = torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(derive_seed(seed, "numpy") % 2**32)  # numpy's legacy seeding takes 32 bits
+    # Only the CPU generator: torch.manual_seed would also reseed (and initialise) CUDA.
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(torch_state)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_batch_arithmetic(global_batch_size: int, micro_batch_size: int, num_shards: int) -> None:
+    """Raises ValueError unless ``global_batch_size == micro_batch_size * num_shards * A`` for an integer A."""
+    if global_batch_size <= 0 or micro_batch_size <= 0 or num_shards <= 0:
+        raise ValueError(
+            f"global batch size ({global_batch_size}), micro-batch size ({micro_batch_size}) and number "
+            f"of shards ({num_shards}) must all be positive")
+    if global_batch_size % num_shards:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {num_shards} data shards; "
+            f"choose a global batch size that is a multiple of {num_shards}")
+    per_shard = global_batch_size // num_shards
+    if per_shard % micro_batch_size:
+        raise ValueError(
+            f"global batch size {global_batch_size} cannot be cut into micro-batches of {micro_batch_size} "
+            f"over {num_shards} shard(s): {global_batch_size} / ({micro_batch_size} x {num_shards}) is not "
+            f"an integer. Valid micro-batch sizes: {_divisors(per_shard)}")
+
+
+class MicroBatchSampler:
+    """Batch sampler of training micro-batches for ``torch.utils.data.DataLoader(batch_sampler=...)``.
+
+    Epoch ``e`` visits a permutation of ``range(num_samples)`` drawn from a generator seeded by
+    ``derive_seed(seed, "order", e)``. Optimizer step ``s`` takes the global batch
+    ``order[s * G:(s + 1) * G]``, cut into micro-batches of ``micro_batch_size`` numbered ``0..G/micro - 1``.
+    Shard ``r`` of ``num_shards`` takes micro-batches ``a * num_shards + r`` for accumulation steps
+    ``a = 0..accum_steps - 1``. Each yielded list is one accumulation step of this process: the
+    micro-batches of its ``shard_ids`` concatenated in that order (one shard per process on
+    torch.distributed, all of a host's devices under XLA SPMD).
+
+    Elements are ``(index, sample_seed)`` with ``sample_seed = derive_seed(seed, "sample", epoch, index)``;
+    the dataset seeds the augmentation of that sample with it. The last incomplete global batch of an
+    epoch is dropped, so every optimizer step sees exactly ``global_batch_size`` samples.
+    """
+
+    def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, num_shards: int,
+                 shard_ids: Sequence[int], seed: int, epoch: int = 0, start_step: int = 0) -> None:
+        _check_batch_arithmetic(global_batch_size, micro_batch_size, num_shards)
+        if num_samples < global_batch_size:
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch of {global_batch_size}, "
+                f"so an epoch would have no optimizer step; use a global batch size of at most {num_samples}")
+        shard_ids = list(shard_ids)
+        if not shard_ids or len(set(shard_ids)) != len(shard_ids) or not all(
+                0 <= shard < num_shards for shard in shard_ids):
+            raise ValueError(f"shard_ids must be distinct values in range({num_shards}), got {shard_ids}")
+        self.num_samples = num_samples
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.num_shards = num_shards
+        self.shard_ids = shard_ids
+        self.seed = seed
+        self.set_epoch(epoch, start_step)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch (the last incomplete global batch is dropped)."""
+        return self.num_samples // self.global_batch_size
+
+    @property
+    def accum_steps(self) -> int:
+        """Micro-batches each shard processes per optimizer step (gradient accumulation steps)."""
+        return self.global_batch_size // (self.micro_batch_size * self.num_shards)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Selects the epoch to iterate and the optimizer step to start from (to resume mid-epoch)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step must be in [0, {self.steps_per_epoch}], got {start_step}")
+        self.epoch = epoch
+        self.start_step = start_step
+
+    def micro_indices(self, accum_step: int) -> list[int]:
+        """Global micro-batch indices of the list yielded for ``accum_step``, in concatenation order."""
+        return [accum_step * self.num_shards + shard for shard in self.shard_ids]
+
+    def epoch_order(self) -> torch.Tensor:
+        """The sample order of the current epoch."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        order = self.epoch_order().tolist()
+        micro = self.micro_batch_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            step_start = step * self.global_batch_size
+            for accum_step in range(self.accum_steps):
+                batch = []
+                for micro_index in self.micro_indices(accum_step):
+                    start = step_start + micro_index * micro
+                    batch += [(index, derive_seed(self.seed, "sample", self.epoch, index))
+                              for index in order[start:start + micro]]
+                yield batch
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.accum_steps
+
+
+def shard_indices(num_samples: int, num_shards: int, shard: int) -> list[int]:
+    """Indices ``shard, shard + num_shards, ...`` of ``range(num_samples)``: the shards of exact
+    evaluation, disjoint and covering every index once, without padding."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in range({num_shards}), got {shard}")
+    return list(range(shard, num_samples, num_shards))
+
+
+class EvalBatchSampler:
+    """Batch sampler of one evaluation shard: the indices of :func:`shard_indices` in batches of
+    ``batch_size`` (the last one may be smaller).
+
+    With ``pad_to_full`` (fixed-shape backends such as XLA) every batch holds exactly ``batch_size``
+    entries and every shard yields the same number of batches; the missing entries are
+    :data:`PAD_INDEX`, which datasets turn into rows with target -1 that the evaluator masks out.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, num_shards: int, shard: int,
+                 pad_to_full: bool = False) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.indices = shard_indices(num_samples, num_shards, shard)
+        self.batch_size = batch_size
+        self.pad_to_full = pad_to_full
+        largest_shard = -(-num_samples // num_shards)
+        self._num_batches = -(-(largest_shard if pad_to_full else len(self.indices)) // batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self._num_batches * self.batch_size, self.batch_size):
+            batch = self.indices[start:start + self.batch_size]
+            if self.pad_to_full:
+                batch += [PAD_INDEX] * (self.batch_size - len(batch))
+            yield batch
+
+    def __len__(self) -> int:
+        return self._num_batches

@@ -1,0 +1,111 @@
+"""Train and eval transforms and Mixup/CutMix, built with timm.
+
+Defaults are the published MambaOut recipe: random-resized crop (scale 0.08-1, ratio 3/4-4/3) with a
+random bilinear/bicubic interpolation, horizontal flip, RandAugment ``rand-m9-mstd0.5-inc1``, random
+erasing 0.25 (pixel mode, one box) on CPU; evaluation resizes (bicubic) and centre-crops at crop_pct 1.0.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
+from torchvision import transforms as tv_transforms
+
+from .sampling import seeded_rngs
+
+
+# Posterize with 0 bits, identical on every Pillow version.
+# timm's increasing-severity posterize ("inc1" RandAugment, as in the recipe) keeps 4 - int(m / 10 * 4)
+# bits; magnitude noise clipped at 10 gives 0 bits. Pillow <= 12 returned an all-black image there (the
+# behaviour the reference trained with); Pillow 13 raises "bits must be between or equal to 1 and 8" and
+# would crash training after a few hundred images. We register an op that keeps the old result.
+_timm_posterize = auto_augment.posterize
+
+
+def _posterize_black_at_zero_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    if bits_to_keep < 1:
+        return image.point(lambda _: 0)
+    return _timm_posterize(image, bits_to_keep, **kwargs)
+
+
+auto_augment.NAME_TO_OP.update({name: _posterize_black_at_zero_bits
+                                for name, op in auto_augment.NAME_TO_OP.items() if op is _timm_posterize})
+
+
+def build_train_transform(
+        img_size: int,
+        *,
+        rand_augment: str | None = "rand-m9-mstd0.5-inc1",
+        random_erase_prob: float = 0.25,
+        random_erase_mode: str = "pixel",
+        random_erase_count: int = 1,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        interpolation: str = "random",
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> tv_transforms.Compose:
+    """PIL image -> normalised tensor with the training augmentation (``rand_augment=None`` disables
+    RandAugment). All draws use python ``random``, numpy and torch CPU RNGs, which the dataset seeds
+    per sample."""
+    return create_transform(
+        img_size,
+        is_training=True,
+        scale=tuple(crop_scale),
+        ratio=tuple(crop_ratio),
+        hflip=hflip,
+        color_jitter=None,  # the recipe has none (DeiT-style trainers drop it whenever RandAugment is on)
+        auto_augment=rand_augment or None,
+        interpolation=interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+        re_prob=random_erase_prob,
+        re_mode=random_erase_mode,
+        re_count=random_erase_count,
+    )
+
+
+def build_eval_transform(
+        img_size: int,
+        *,
+        crop_pct: float = 1.0,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> tv_transforms.Compose:
+    """PIL image -> normalised tensor: resize the short side to ``img_size / crop_pct``, centre-crop ``img_size``."""
+    return create_transform(
+        img_size,
+        is_training=False,
+        crop_pct=crop_pct,
+        interpolation=interpolation,
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+def build_mixup(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_prob: float, mode: str,
+                label_smoothing: float, num_classes: int) -> Mixup | None:
+    """timm's Mixup/CutMix (which also smooths the labels), or None when no sample would ever be mixed
+    (both alphas 0, or ``prob`` 0); the loss then applies label smoothing itself."""
+    if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
+        return None
+    return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+                 mode=mode, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+def mixup_micro_batch(mixup: Mixup, images: torch.Tensor, targets: torch.Tensor,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixes one micro-batch (``images`` in place) and returns ``(images, soft_targets)``.
+
+    timm draws from numpy's global RNG; seeding it here makes the draw a pure function of ``seed``
+    (``derive_seed(seed, "step", step, micro)`` in the loop), whatever the sharding.
+    """
+    if len(images) % 2:
+        raise ValueError(f"Mixup/CutMix pairs each sample with its mirror in the micro-batch, so the micro-batch "
+                         f"size must be even, got {len(images)}")
+    with seeded_rngs(seed):
+        return mixup(images, targets)
