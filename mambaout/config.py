@@ -484,18 +484,22 @@ def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
     """Parse `argv` with the config arguments added; a bad config exits with its message (status 2)."""
     add_config_args(parser)
     args = parser.parse_args(argv)
+    return args, config_from_args(parser, args)
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     extra_overrides: Sequence[str] = ()) -> Config:
+    """The config that parsed arguments describe: the file, then `extra_overrides` (a CLI's own flags),
+    then the KEY=VALUE overrides. Handles --help-config and --print-config (which exit)."""
     if args.help_config:
         print(describe_schema())
         parser.exit()
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [*extra_overrides, *args.overrides])
+        if args.print_config:
+            # Derived values for the world this command runs in (torchrun sets WORLD_SIZE; alone it is 1).
+            print(to_yaml(cfg, derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))), end="")
+            parser.exit()
     except ConfigError as e:
         parser.error(str(e))
-    if args.print_config:
-        # Derived values for the world this command runs in (torchrun sets WORLD_SIZE; alone it is 1).
-        try:
-            print(to_yaml(cfg, derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))), end="")
-        except ConfigError as e:
-            parser.error(str(e))
-        parser.exit()
-    return args, cfg
+    return cfg

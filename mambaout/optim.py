@@ -1,0 +1,46 @@
+"""Optimizer and learning-rate schedule of the DeiT/MambaOut recipe, built on torch and timm."""
+from __future__ import annotations
+
+from torch import nn
+from torch.optim import AdamW
+from timm.optim import param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+
+
+def scaled_lr(base_lr: float, global_batch_size: int) -> float:
+    """The linear scaling rule of the recipe: lr = base_lr x global batch / 1024."""
+    return base_lr * global_batch_size / 1024
+
+
+def create_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float,
+                     betas: tuple[float, float]) -> AdamW:
+    """AdamW without weight decay on biases and normalisation weights (every 1-d parameter)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    return AdamW(groups, lr=lr, eps=eps, betas=betas)
+
+
+class LrSchedule:
+    """Linear warm-up from ``warmup_lr``, cosine over ``epochs`` to ``min_lr``, then ``min_lr`` for the
+    cool-down epochs (timm's ``CosineLRScheduler``, as in the reference trainer).
+
+    The reference updates the lr once per epoch; ``per_step`` updates it every optimizer step with the same
+    curve measured in steps. Either way ``set_step`` is a pure function of the optimizer step, so resuming
+    needs no scheduler state.
+    """
+
+    def __init__(self, optimizer, *, epochs: int, warmup_epochs: int, warmup_lr: float, min_lr: float,
+                 steps_per_epoch: int, per_step: bool) -> None:
+        unit = steps_per_epoch if per_step else 1
+        self.steps_per_epoch = steps_per_epoch
+        self.per_step = per_step
+        self._timm = CosineLRScheduler(optimizer, t_initial=epochs * unit, lr_min=min_lr,
+                                       warmup_t=warmup_epochs * unit, warmup_lr_init=warmup_lr,
+                                       t_in_epochs=not per_step)
+
+    def set_step(self, step: int) -> None:
+        """Sets the lr for optimizer step ``step`` (0-based, counted over the whole run)."""
+        if self.per_step:
+            self._timm.step_update(step)
+        else:
+            self._timm.step(step // self.steps_per_epoch)

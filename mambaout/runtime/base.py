@@ -1,0 +1,144 @@
+"""The runtime interface: everything the training loop needs from a device and its process group.
+
+The loop calls these methods and never asks which device it runs on. A runtime feeds ``num_shards``
+data shards in all (one per process on torch.distributed, one per device under XLA SPMD), of which this
+process feeds ``shard_ids``.
+"""
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+
+class Runtime:
+    """Base class with the single-process behaviour; subclasses override what differs."""
+
+    kind = "cpu"
+    fixed_shapes = False  # True where every batch must have the same shape (compiled graphs: XLA)
+
+    def __init__(self, device: torch.device, precision: str = "fp32") -> None:
+        self.device = device
+        self.precision = precision
+        self.rank = 0
+        self.world_size = 1
+        self.memory_format = torch.contiguous_format
+
+    # --- topology -------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """Only the main process writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def num_shards(self) -> int:
+        return self.world_size
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return [self.rank]
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records about where the run ran."""
+        return {
+            "device": self.kind,
+            "device_name": self.device_name(),
+            "world_size": self.world_size,
+            "num_shards": self.num_shards,
+            "host": socket.gethostname(),
+        }
+
+    def device_name(self) -> str:
+        return "cpu"
+
+    # --- model and step -------------------------------------------------------------------------------
+    def prepare_model(self, model: nn.Module, channels_last: bool) -> nn.Module:
+        """Moves the model to the device; returns the module to train (a wrapper where one is needed)."""
+        model.to(self.device)
+        if channels_last:
+            self.memory_format = torch.channels_last
+            model.to(memory_format=self.memory_format)
+        return model
+
+    def gradient_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward/backward; gradients are reduced across shards only when
+        ``enabled`` (the last micro-step of an optimizer step)."""
+        return contextlib.nullcontext()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                       clip_grad: float | None) -> torch.Tensor:
+        """Clips (when asked), steps, and returns the total gradient norm before clipping."""
+        if clip_grad is None:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+        return grad_norm
+
+    def mark_step(self) -> None:
+        """Cuts the lazy graph after a micro-step (XLA); nothing to do on eager devices."""
+
+    def seed_device_rng(self, seed: int) -> None:
+        """Seeds the generator that in-model random ops (drop path, dropout) draw from."""
+        torch.manual_seed(seed)
+
+    # --- data -----------------------------------------------------------------------------------------
+    def batch_to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (in the model's memory format) and targets of a loader batch, on the device."""
+        images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return images, batch["target"].to(self.device, non_blocking=True)
+
+    def wrap_loader(self, loader: Any) -> Any:
+        """Hook for device-side prefetching (XLA's MpDeviceLoader); eager devices use the loader as is."""
+        return loader
+
+    # --- collectives ----------------------------------------------------------------------------------
+    def sum_across(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over all processes (in place where possible); returns the result."""
+        return tensor
+
+    def all_true(self, flag: bool) -> bool:
+        """True when ``flag`` holds on every process (used so all ranks agree to stop)."""
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every process's ``obj``, in rank order, on every process."""
+        return [obj]
+
+    # --- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Runtime state that a checkpoint must carry (the fp16 loss scale)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def to_cpu_state(self, state: Any) -> Any:
+        """Host copies of tensors before saving (required on XLA; a no-op elsewhere)."""
+        return state
+
+    def shutdown(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator["Runtime"]:
+        """``with runtime.session():`` guarantees ``shutdown`` even when the run fails."""
+        try:
+            yield self
+        finally:
+            self.shutdown()

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny real image folders and a tiny training config (tests must stay fast on 2 cores)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("circle", "square", "stripes", "dots")
+
+
+def write_image_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """``root/<split>/<class>/<i>.png`` with ``per_class[split]`` images per class: a class-dependent colour
+    plus noise, so a model can learn it and every file differs."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.zeros((size, size, 3), np.float32)
+                base[..., label % 3] = 160 + 30 * (label // 3)
+                pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{name}_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory) -> Path:
+    """4 classes: 12 training images each (48) and an odd-sized validation split (4 x 5 + extra = 21)."""
+    root = write_image_folder(tmp_path_factory.mktemp("images"), {"train": 12, "val": 5})
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(root / "val" / CLASSES[0] / "extra.png")
+    return root
+
+
+def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
+    """A femto run on 32 px images, global batch 8, that takes seconds."""
+    settings = {
+        "model.name": "mambaout_femto", "model.drop_path_rate": 0.1,
+        "data.root": str(root), "data.img_size": 32, "data.num_workers": 0,
+        "optim.global_batch_size": 8, "train.micro_batch_size": 4, "train.max_steps": 3,
+        "train.output_dir": str(output_dir), "train.log_interval": 1, "train.channels_last": False,
+        "sched.epochs": 2, "sched.warmup_epochs": 1, "sched.cooldown_epochs": 0,
+        "eval.batch_size": 8, "runtime.device": "cpu",
+    }
+    settings.update(extra)
+    return [f"{key}={value}" for key, value in settings.items()]

@@ -1,0 +1,129 @@
+"""The training loop: schedule, optimizer groups, batch-split invariance, worker invariance, run folder."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import tiny_overrides
+from mambaout.checkpoint import load_training_checkpoint
+from mambaout.config import load_config
+from mambaout.optim import LrSchedule, create_optimizer, scaled_lr
+from mambaout.tracking import RunFolderError
+from mambaout.trainer import train
+
+
+def run(image_root, out, **extra):
+    result = train(load_config(None, tiny_overrides(image_root, out, **extra)))
+    return result, load_training_checkpoint(out / "last.pth")
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_lr_scaling_rule():
+    assert scaled_lr(1e-3, 4096) == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, 256) == pytest.approx(2.5e-4)
+
+
+def test_optimizer_skips_weight_decay_on_norms_and_biases():
+    from mambaout.models import create_model
+
+    model = create_model("mambaout_femto", num_classes=10)
+    optimizer = create_optimizer(model, 4e-3, 0.05, 1e-8, (0.9, 0.999))
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert (id(param) in decay) == (param.ndim > 1), name
+
+
+def lr_at(schedule: LrSchedule, optimizer, step: int) -> float:
+    schedule.set_step(step)
+    return optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("per_step", [False, True])
+def test_schedule_matches_hand_computed_values(per_step):
+    """Warm-up 2 epochs from 1e-6 to 4e-3, cosine over 10 epochs to 1e-5, then the cool-down at 1e-5."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=4e-3)
+    schedule = LrSchedule(optimizer, epochs=10, warmup_epochs=2, warmup_lr=1e-6, min_lr=1e-5,
+                          steps_per_epoch=5, per_step=per_step)
+    peak, floor, warm = 4e-3, 1e-5, 1e-6
+
+    def cosine(t: float) -> float:
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t / 10))
+
+    assert lr_at(schedule, optimizer, 0) == pytest.approx(warm)
+    if per_step:  # step 7 of 10 warm-up steps; then t measured in steps
+        assert lr_at(schedule, optimizer, 7) == pytest.approx(warm + 7 * (peak - warm) / 10)
+        assert lr_at(schedule, optimizer, 23) == pytest.approx(cosine(23 / 5))
+    else:  # constant within an epoch
+        assert lr_at(schedule, optimizer, 4) == pytest.approx(warm)
+        assert lr_at(schedule, optimizer, 7) == pytest.approx(warm + (peak - warm) / 2)
+        assert lr_at(schedule, optimizer, 23) == pytest.approx(cosine(4))
+    assert lr_at(schedule, optimizer, 10) == pytest.approx(cosine(2))
+    assert lr_at(schedule, optimizer, 50) == pytest.approx(floor)  # first cool-down epoch
+    assert lr_at(schedule, optimizer, 54) == pytest.approx(floor)
+
+
+def test_gradient_accumulation_equals_one_large_micro_batch(image_root, tmp_path):
+    """micro 4 x accumulation 2 and micro 8 x 1 take the same optimizer steps (mixing and drop path off)."""
+    common = {"aug.mixup_alpha": 0, "aug.cutmix_alpha": 0, "model.drop_path_rate": 0.0}
+    _, split = run(image_root, tmp_path / "split", **common)
+    _, whole = run(image_root, tmp_path / "whole", **common, **{"train.micro_batch_size": 8})
+    assert split["train_state"]["step"] == whole["train_state"]["step"] == 3
+    assert max_weight_difference(split["model"], whole["model"]) < 1e-6
+
+
+def test_worker_count_does_not_change_the_run(image_root, tmp_path):
+    _, in_process = run(image_root, tmp_path / "w0", **{"data.num_workers": 0})
+    _, workers = run(image_root, tmp_path / "w2", **{"data.num_workers": 2})
+    for key, value in in_process["model"].items():
+        assert torch.equal(value, workers["model"][key]), key
+
+
+def test_run_folder_records_everything(image_root, tmp_path):
+    out = tmp_path / "run"
+    result, state = run(image_root, out, **{"train.max_steps": 7})  # 6 steps per epoch: one epoch and a bit
+    assert {"config.yaml", "manifest.json", "classes.json", "metrics.csv", "steps.csv", "last.pth",
+            "best.pth"} <= {p.name for p in out.iterdir()}
+    assert any((out / "tensorboard").iterdir())
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"]["name"] == "mambaout_femto"
+    assert config["derived"]["accum_steps"] == 2 and config["derived"]["lr"] == pytest.approx(8e-3 / 1024)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"git", "command", "versions", "runtime", "dataset", "derived", "host"} <= manifest.keys()
+    assert manifest["dataset"]["train"]["num_images"] == 48 and manifest["dataset"]["val"]["num_images"] == 21
+    assert manifest["runtime"]["world_size"] == 1 and manifest["runtime"]["device"] == "cpu"
+
+    with open(out / "metrics.csv") as f:
+        epochs = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in epochs] == [0, 1] and [int(r["step"]) for r in epochs] == [6, 7]
+    assert float(epochs[-1]["top1"]) == pytest.approx(result["top1"])
+    with open(out / "steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in steps] == list(range(1, 8))
+    assert all(math.isfinite(float(r["loss"])) for r in steps)
+    assert json.loads((out / "classes.json").read_text()) == state["classes"]
+    assert state["config"]["train"]["max_steps"] == 7
+
+    with pytest.raises(RunFolderError, match="never overwritten"):
+        run(image_root, out)
+
+
+def test_corrupt_training_image_is_skipped_and_counted(image_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(image_root, root)
+    victim = sorted((root / "train" / "circle").iterdir())[0]
+    victim.write_bytes(b"not an image at all")
+    _, state = run(root, tmp_path / "run", **{"train.max_steps": 6})  # one whole epoch: every image seen
+    assert state["train_state"]["bad_images"] == 1
