@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -433,3 +434,55 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CheckpointFolder:
+    """The checkpoints of a run: ``checkpoints/step_XXXXXXXX.pth`` (the newest ``keep`` are kept), with
+    ``last.pth`` and ``best.pth`` beside them as hard links to the files they designate (no second write)."""
+
+    def __init__(self, path: PathLike, keep: int = 3) -> None:
+        self.path = Path(path)
+        self.steps_dir = self.path / 'checkpoints'
+        self.keep = keep
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> Path:
+        self.steps_dir.mkdir(parents=True, exist_ok=True)
+        target = self.steps_dir / f'step_{step:08d}.pth'
+        save_training_checkpoint(state, target)
+        _link_atomically(target, self.path / 'last.pth')
+        if is_best:
+            _link_atomically(target, self.path / 'best.pth')
+        for old in self._step_files()[:-self.keep]:
+            old.unlink(missing_ok=True)
+        return target
+
+    def latest(self) -> Path | None:
+        last = self.path / 'last.pth'
+        return last if last.exists() else None
+
+    def load_latest(self) -> dict | None:
+        """The newest checkpoint that reads back whole (a damaged one is reported and passed over).
+
+        Step files come first: a kill between writing one and linking ``last.pth`` leaves it the newest."""
+        for candidate in [*reversed(self._step_files()), self.path / 'last.pth']:
+            if not candidate.exists():
+                continue
+            try:
+                return load_training_checkpoint(candidate)
+            except CheckpointError as error:
+                _logger.warning('passing over an unreadable checkpoint: %s', error)
+        return None
+
+    def _step_files(self) -> list[Path]:
+        return sorted(self.steps_dir.glob('step_*.pth'))
+
+
+def _link_atomically(source: Path, link: Path) -> None:
+    """``link`` becomes another name of ``source`` in one rename (a copy where hard links are unsupported)."""
+    tmp = link.with_name(f'.{link.name}.tmp-{os.getpid()}')
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, link)

@@ -5,7 +5,6 @@ Both loops talk to the device only through a ``Runtime``; every random draw is k
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -22,7 +21,11 @@ from .runtime import Runtime
 
 @dataclass
 class TrainState:
-    """Where the run is; everything else about the position is derived from it."""
+    """Where the run is, and the loss record of the current log interval and epoch.
+
+    Everything in here goes into a checkpoint; the per-step losses are kept as host floats and summed in
+    step order, so a resumed run logs exactly the numbers of an uninterrupted one.
+    """
 
     step: int = 0  # optimizer steps done since the start of the run
     epoch: int = 0  # the epoch in progress
@@ -30,18 +33,29 @@ class TrainState:
     best_epoch: int = -1
     nonfinite_skips: int = 0
     bad_images: int = 0
+    interval_losses: list[float] = field(default_factory=list)  # per-step losses since the last log row
+    epoch_loss_sum: float = 0.0
+    epoch_loss_steps: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(vars(self))
+        return {key: list(value) if isinstance(value, list) else value for key, value in vars(self).items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
 
+    def start_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.epoch_loss_sum, self.epoch_loss_steps = epoch, 0.0, 0
+
+    @property
+    def epoch_loss(self) -> float:
+        return self.epoch_loss_sum / max(self.epoch_loss_steps, 1)
+
 
 @dataclass
 class StepLog:
-    """What one optimizer step reports (at ``log_interval``)."""
+    """One row of steps.csv: the mean over the optimizer steps since the previous row."""
 
     step: int
     epoch: int
@@ -52,7 +66,7 @@ class StepLog:
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A loss or gradient that is NaN or infinite; the weights were not updated with it."""
 
 
 def create_criterion(mixup_enabled: bool, label_smoothing: float) -> nn.Module:
@@ -75,6 +89,16 @@ def mix_micro_batches(mixup, images: torch.Tensor, targets: torch.Tensor, seeds:
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
+@dataclass
+class TrainHooks:
+    """How the trainer hears from the loop: a log row, the end of each optimizer step (periodic
+    checkpoints), and whether to stop at the next step boundary (preemption)."""
+
+    on_log: Callable[[StepLog], None] = lambda entry: None
+    on_step_end: Callable[[], None] = lambda: None
+    stop_requested: Callable[[], bool] = lambda: False
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -92,28 +116,25 @@ def train_one_epoch(
     skip_nonfinite: bool = False,
     max_steps: int | None = None,
     log_interval: int = 50,
-    on_log: Callable[[StepLog], None] = lambda log: None,
-    should_stop: Callable[[], bool] = lambda: False,
-) -> float:
-    """Runs the optimizer steps of ``state.epoch`` from ``state.step`` on; returns the epoch's mean loss.
+    hooks: TrainHooks = TrainHooks(),
+) -> bool:
+    """Runs the optimizer steps of ``state.epoch`` from ``state.step`` on.
 
     ``loader`` yields one batch per accumulation micro-step (``sampler.accum_steps`` per optimizer step),
-    starting at an optimizer-step boundary. ``should_stop`` is polled at each step boundary (preemption).
+    starting at an optimizer-step boundary. Returns True when it stopped early because a stop was
+    requested on any process; every process stops at the same step.
     """
     model.train()
     accum_steps = sampler.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
-    images_per_step = sampler.global_batch_size
-    step_loss = torch.zeros((), device=runtime.device)
-    interval_loss = torch.zeros((), device=runtime.device)
-    epoch_loss, epoch_steps, interval_steps = 0.0, 0, 0
-    tick = time.perf_counter()
+    micro_losses: list[torch.Tensor] = []
+    clock = _IntervalClock(sampler.global_batch_size)
 
     for micro_step, batch in enumerate(runtime.wrap_loader(loader)):
         accum_index = micro_step % accum_steps
         if accum_index == 0:
             schedule.set_step(state.step)
-        state.bad_images += int(batch["bad"].sum())
+        runtime.after_step(_adder(state, "bad_images"), batch["bad"].sum())
         images, targets = runtime.batch_to_device(batch)
         micro_ids = sampler.micro_indices(accum_index)
         images, targets = mix_micro_batches(
@@ -125,39 +146,71 @@ def train_one_epoch(
             with runtime.autocast():
                 loss = criterion(model(images), targets)
             runtime.backward(loss / accum_steps)
-        step_loss += loss.detach()
+        micro_losses.append(loss.detach())
         runtime.mark_step()
         if not is_last:
             continue
 
-        grad_norm = runtime.optimizer_step(optimizer, params, clip_grad)
+        step_loss = torch.stack(micro_losses).mean()
+        grad_norm = runtime.unscale_and_clip(optimizer, params, clip_grad)
+        finite, stop = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested())
+        if finite:
+            runtime.optimizer_step(optimizer)
+            if ema is not None:
+                ema.update(runtime.unwrap(model), step=state.step)
+        elif skip_nonfinite:
+            runtime.skip_step(optimizer)
+            state.nonfinite_skips += 1
+        else:
+            raise NonFiniteLossError(
+                f"non-finite training values at optimizer step {state.step + 1}: micro-batch losses "
+                f"{[round(v, 6) for v in torch.stack(micro_losses).tolist()]}, gradient norm "
+                f"{float(grad_norm):.6g}; the weights were not updated with them. Lower optim.lr or set "
+                "optim.clip_grad, or set train.skip_nonfinite=true to skip such steps")
         optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model, step=state.step)
         state.step += 1
-        interval_loss += step_loss / accum_steps
-        step_loss.zero_()
-        interval_steps += 1
+        mean_loss = runtime.sum_across(step_loss) / runtime.world_size
+        runtime.after_step(_step_recorder(state, state.step, optimizer.param_groups[0]["lr"], log_interval,
+                                          max_steps, clock, hooks.on_log), mean_loss, grad_norm)
+        micro_losses.clear()
         runtime.mark_step()
+        hooks.on_step_end()
+        if state.step == max_steps or stop:
+            return stop
+    return False
 
-        if state.step % log_interval == 0 or state.step == max_steps:
-            mean_loss = runtime.sum_across(interval_loss).item() / (interval_steps * runtime.world_size)
-            if not math.isfinite(mean_loss):
-                raise NonFiniteLossError(f"loss became {mean_loss} at optimizer step {state.step}")
-            elapsed = time.perf_counter() - tick
-            on_log(StepLog(step=state.step, epoch=state.epoch, lr=optimizer.param_groups[0]["lr"],
-                           loss=mean_loss, grad_norm=float(grad_norm),
-                           img_per_s=images_per_step * interval_steps / max(elapsed, 1e-9)))
-            epoch_loss += mean_loss * interval_steps
-            epoch_steps += interval_steps
-            interval_loss.zero_()
-            interval_steps, tick = 0, time.perf_counter()
-        if state.step == max_steps or should_stop():
-            break
-    if interval_steps:
-        epoch_loss += runtime.sum_across(interval_loss).item() / runtime.world_size
-        epoch_steps += interval_steps
-    return epoch_loss / max(epoch_steps, 1)
+
+def _adder(state: TrainState, field_name: str) -> Callable[[float], None]:
+    return lambda value: setattr(state, field_name, getattr(state, field_name) + int(value))
+
+
+class _IntervalClock:
+    """Throughput between two log rows, measured when the rows are written."""
+
+    def __init__(self, images_per_step: int) -> None:
+        self.images_per_step = images_per_step
+        self.tick = time.perf_counter()
+
+    def img_per_s(self, steps: int) -> float:
+        now = time.perf_counter()
+        rate = self.images_per_step * steps / max(now - self.tick, 1e-9)
+        self.tick = now
+        return rate
+
+
+def _step_recorder(state: TrainState, step: int, lr: float, log_interval: int, max_steps: int | None,
+                   clock: _IntervalClock, on_log: Callable[[StepLog], None]) -> Callable[[float, float], None]:
+    """The host side of one optimizer step: record its loss, and write a log row at the interval."""
+    def record(loss: float, grad_norm: float) -> None:
+        state.interval_losses.append(loss)
+        state.epoch_loss_sum += loss
+        state.epoch_loss_steps += 1
+        if step % log_interval == 0 or step == max_steps:
+            losses = state.interval_losses
+            on_log(StepLog(step=step, epoch=state.epoch, lr=lr, loss=sum(losses) / len(losses),
+                           grad_norm=grad_norm, img_per_s=clock.img_per_s(len(losses))))
+            state.interval_losses = []
+    return record
 
 
 @dataclass

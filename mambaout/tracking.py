@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5", "ema_top1", "img_per_s",
-                 "epoch_seconds", "bad_images")
+                 "epoch_seconds", "bad_images", "nonfinite_skips")
 STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s")
 
 
@@ -75,13 +75,17 @@ class RunFolder:
             return
         if not resume and self.path.exists() and any(self.path.iterdir()):
             raise RunFolderError(
-                f"train.output_dir '{self.path}' already holds a run; a run folder is never overwritten. "
-                "Pass another train.output_dir=..., or resume that run with --resume auto.")
+                f"train.output_dir '{self.path}' already holds a run with another config and no checkpoint "
+                "to resume; a run folder is never overwritten. Pass another train.output_dir=...")
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_text(self, name: str, text: str) -> None:
         if self.enabled:
             _atomic_write_text(self.path / name, text)
+
+    def read_json(self, name: str) -> Any:
+        path = self.path / name
+        return json.loads(path.read_text()) if self.enabled and path.exists() else None
 
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
@@ -104,7 +108,8 @@ class RunFolder:
                 rows = list(csv.DictReader(f))
             kept = [r for r in rows if int(r["step"]) <= step]
             columns = STEP_COLUMNS if name == "steps.csv" else EPOCH_COLUMNS
-            text = ",".join(columns) + "\n" + "".join(",".join(r[c] for c in columns) + "\n" for r in kept)
+            text = ",".join(columns) + "\n" + "".join(",".join(r.get(c) or "" for c in columns) + "\n"
+                                                       for r in kept)
             _atomic_write_text(path, text)
 
     def _append_csv(self, name: str, columns: tuple[str, ...], row: dict[str, Any]) -> None:

@@ -1,24 +1,27 @@
-"""One training run from a resolved config: build everything, loop over epochs, evaluate, checkpoint.
+"""One training run from a resolved config: build everything, resume if asked, loop over epochs, evaluate,
+checkpoint, and stop cleanly on preemption.
 
-Read top to bottom: ``train`` is the whole story; the helpers below it each build one piece.
+Read top to bottom: ``train`` is the whole story; the helpers below it each build or decide one thing.
 """
 from __future__ import annotations
 
 import logging
-import random
+import signal
 import time
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint
-from .config import Config, Derived, derive, to_yaml
+from .checkpoint import CheckpointFolder
+from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, to_yaml
 from .data import (EvalBatchSampler, MicroBatchSampler, build_dataset, build_eval_transform, build_mixup,
                    build_train_transform, dataset_fingerprint)
 from .data.sampling import derive_seed
-from .engine import StepLog, TrainState, create_criterion, evaluate, train_one_epoch
+from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
 from .optim import LrSchedule, create_optimizer
 from .runtime import Runtime, create_runtime
@@ -26,21 +29,52 @@ from .tracking import Progress, RunFolder, build_manifest
 
 log = logging.getLogger("mambaout")
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; scripts/train_until_done.sh relaunches on it
+NONFINITE_EXIT_CODE = 3
 
-def train(cfg: Config) -> dict[str, Any]:
-    """Trains as ``cfg`` says; returns the final evaluation (top1, top5, loss, count, best_top1)."""
+# Keys that may change between a run and its resumption without changing what is computed.
+HARMLESS_ON_RESUME = frozenset({
+    "data.root", "data.num_workers", "train.max_steps", "train.output_dir", "train.log_interval",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.compile", "train.skip_nonfinite",
+    "eval.every_epochs", "eval.batch_size", "runtime.device", "runtime.dist_timeout_s",
+})
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainOutcome:
+    final_eval: dict[str, Any]
+    best_top1: float
+    step: int
+    preempted: bool = False
+
+
+def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
+    """Trains as ``cfg`` says. ``resume``: "auto" (continue the checkpoint in the run folder, if any, when its
+    config is compatible), "never", or the path of a checkpoint to continue from."""
     runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s)
     with runtime.session():
         derived = derive(cfg, runtime.num_shards)
-        run = RunFolder(derived.output_dir, enabled=runtime.is_main)
-        _announce(runtime, derived, cfg)
-
+        folder = CheckpointFolder(derived.output_dir, keep=cfg.train.keep_checkpoints)
+        saved = _checkpoint_to_resume(folder, resume)
         train_set, val_set = _build_datasets(cfg, derived)
+        fingerprint = dataset_fingerprint(train_set)
+        if saved is not None:
+            _check_resumable(cfg, saved, fingerprint)
+        run = RunFolder(derived.output_dir, enabled=runtime.is_main,
+                        resume=saved is not None or _same_config_without_checkpoint(folder, cfg))
+        _announce(runtime, derived, cfg, saved)
+
         num_classes = cfg.model.num_classes or len(train_set.classes)
         torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # the same initial weights on every rank
-        model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint, num_classes=num_classes,
-                             drop_path_rate=cfg.model.drop_path_rate, head_dropout=cfg.model.head_dropout,
-                             grad_checkpointing=cfg.model.grad_checkpointing)
+        model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint if saved is None else None,
+                             num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                             head_dropout=cfg.model.head_dropout, grad_checkpointing=cfg.model.grad_checkpointing)
+        if saved is not None:
+            model.load_state_dict(saved["model"])
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
         if cfg.train.compile:
             train_model = torch.compile(train_model)
@@ -50,6 +84,9 @@ def train(cfg: Config) -> dict[str, Any]:
         mixup = build_mixup(cfg.aug.mixup_alpha, cfg.aug.cutmix_alpha, cfg.aug.mixup_prob,
                             cfg.aug.mixup_switch_prob, cfg.aug.mixup_mode, cfg.aug.label_smoothing, num_classes)
         criterion = create_criterion(mixup is not None, cfg.aug.label_smoothing)
+        state = TrainState()
+        if saved is not None:
+            _restore(saved, optimizer, ema, runtime, state)
 
         sampler = MicroBatchSampler(len(train_set), cfg.optim.global_batch_size, cfg.train.micro_batch_size,
                                     runtime.num_shards, runtime.shard_ids, cfg.train.seed)
@@ -58,67 +95,157 @@ def train(cfg: Config) -> dict[str, Any]:
                               steps_per_epoch=sampler.steps_per_epoch, per_step=cfg.sched.per_step)
         train_loader = _loader(train_set, sampler, cfg.data.num_workers, runtime)
         val_loader = _loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers, runtime)
-        state = TrainState()
-
-        run.write_text("config.yaml", to_yaml(cfg, derived))
-        run.write_json("classes.json", list(train_set.classes))
-        run.write_json("manifest.json", build_manifest(
-            runtime_info=runtime.describe(), dataset={"train": dataset_fingerprint(train_set),
-                                                      "val": dataset_fingerprint(val_set)},
-            derived=vars(derived)))
+        _record_provenance(run, cfg, derived, runtime, train_set, val_set, fingerprint, state, saved)
 
         total_steps = derived.total_epochs * sampler.steps_per_epoch
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
         progress = Progress(total_steps, "train", enabled=runtime.is_main, unit="step")
-        result: dict[str, Any] = {}
-        while state.step < total_steps:
-            state.epoch = state.step // sampler.steps_per_epoch
-            sampler.set_epoch(state.epoch, start_step=state.step % sampler.steps_per_epoch)
-            epoch_start, first_step = time.perf_counter(), state.step
+        progress.done = state.step
 
-            def on_log(entry: StepLog) -> None:
-                run.log_step(vars(entry))
-                progress.update(entry.step - progress.done,
-                                f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s")
-
-            train_loss = train_one_epoch(
-                train_model, optimizer, schedule, train_loader, sampler, criterion, runtime, state,
-                seed=cfg.train.seed, mixup=mixup, ema=ema, clip_grad=cfg.optim.clip_grad,
-                max_steps=total_steps, log_interval=cfg.train.log_interval, on_log=on_log)
-            epoch_seconds = time.perf_counter() - epoch_start
-            epoch_done = state.step % sampler.steps_per_epoch == 0 or state.step >= total_steps
-            is_final = state.step >= total_steps
-            if not (epoch_done and ((state.epoch + 1) % cfg.eval.every_epochs == 0 or is_final)):
-                continue
-            result = _evaluate_epoch(model, ema, val_loader, runtime)
-            is_best = result["top1"] > state.best_top1
-            if is_best:
-                state.best_top1, state.best_epoch = result["top1"], state.epoch
-            run.log_epoch({
-                "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
-                "train_loss": train_loss, "eval_loss": result["loss"], "top1": result["top1"],
-                "top5": result["top5"], "ema_top1": result.get("ema_top1"),
-                "img_per_s": (state.step - first_step) * cfg.optim.global_batch_size / epoch_seconds,
-                "epoch_seconds": epoch_seconds, "bad_images": state.bad_images})
-            log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f",
-                     state.epoch, state.step, train_loss, result["top1"], result["top5"], result["loss"])
-            payload = _checkpoint_payload(model, ema, optimizer, runtime, state, cfg, train_set.classes)
+        def save(is_best: bool = False) -> None:
+            payload = _checkpoint_payload(model, ema, optimizer, runtime, state, cfg, train_set.classes,
+                                          fingerprint)
             if runtime.is_main:
-                checkpoint.save_training_checkpoint(payload, run.path / "last.pth")
-                if is_best:
-                    checkpoint.save_training_checkpoint(payload, run.path / "best.pth")
+                folder.save(payload, state.step, is_best=is_best)
             runtime.barrier()
+
+        def on_log(entry: StepLog) -> None:
+            run.log_step(vars(entry))
+            progress.update(entry.step - progress.done,
+                            f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s")
+
+        def on_step_end() -> None:
+            every = cfg.train.checkpoint_every_steps
+            at_epoch_end = state.step % sampler.steps_per_epoch == 0  # saved after the evaluation instead
+            if every and state.step % every == 0 and not at_epoch_end and state.step < total_steps:
+                save()
+
+        final_eval: dict[str, Any] = {}
+        with _preemption_signals() as stop_requested:
+            hooks = TrainHooks(on_log=on_log, on_step_end=on_step_end, stop_requested=stop_requested)
+            while state.step < total_steps:
+                state.start_epoch(state.step // sampler.steps_per_epoch)
+                sampler.set_epoch(state.epoch, start_step=state.step % sampler.steps_per_epoch)
+                epoch_start, first_step = time.perf_counter(), state.step
+                try:
+                    preempted = train_one_epoch(
+                        train_model, optimizer, schedule, train_loader, sampler, criterion, runtime, state,
+                        seed=cfg.train.seed, mixup=mixup, ema=ema, clip_grad=cfg.optim.clip_grad,
+                        skip_nonfinite=cfg.train.skip_nonfinite, max_steps=total_steps,
+                        log_interval=cfg.train.log_interval, hooks=hooks)
+                except NonFiniteLossError as error:
+                    raise NonFiniteLossError(f"{error}. Last good checkpoint: {folder.latest() or 'none yet'}") \
+                        from None
+                if preempted:
+                    save()
+                    log.info("preempted: checkpoint of step %d saved; rerun the same command to continue",
+                             state.step)
+                    run.close()
+                    return TrainOutcome(final_eval, state.best_top1, state.step, preempted=True)
+                epoch_done = state.step % sampler.steps_per_epoch == 0 or state.step >= total_steps
+                if not (epoch_done and ((state.epoch + 1) % cfg.eval.every_epochs == 0
+                                        or state.step >= total_steps)):
+                    continue
+                final_eval = _evaluate_epoch(model, ema, val_loader, runtime)
+                is_best = final_eval["top1"] > state.best_top1
+                if is_best:
+                    state.best_top1, state.best_epoch = final_eval["top1"], state.epoch
+                epoch_seconds = time.perf_counter() - epoch_start
+                run.log_epoch({
+                    "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
+                    "train_loss": state.epoch_loss, "eval_loss": final_eval["loss"], "top1": final_eval["top1"],
+                    "top5": final_eval["top5"], "ema_top1": final_eval.get("ema_top1"),
+                    "img_per_s": (state.step - first_step) * cfg.optim.global_batch_size / epoch_seconds,
+                    "epoch_seconds": epoch_seconds, "bad_images": state.bad_images,
+                    "nonfinite_skips": state.nonfinite_skips})
+                log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f",
+                         state.epoch, state.step, state.epoch_loss, final_eval["top1"], final_eval["top5"],
+                         final_eval["loss"])
+                save(is_best)
         run.close()
-        result["best_top1"] = state.best_top1
-        return result
+        return TrainOutcome(final_eval, state.best_top1, state.step)
 
 
-def _announce(runtime: Runtime, derived: Derived, cfg: Config) -> None:
+# --- resuming ----------------------------------------------------------------------------------------------------
+
+def _checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, Any] | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return folder.load_latest()
+    return checkpoint.load_training_checkpoint(resume)
+
+
+def _check_resumable(cfg: Config, saved: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+    """Refuses a resume that would not continue the same run; lists what changed."""
+    try:
+        saved_cfg = config_from_dict(saved["config"], source="checkpoint")
+    except ConfigError as error:
+        raise ResumeError(f"the checkpoint's config no longer fits the schema: {error}") from None
+    changes = diff_configs(saved_cfg, cfg)
+    breaking = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key not in HARMLESS_ON_RESUME]
+    if saved.get("dataset") not in (None, fingerprint):
+        breaking.append(f"training data: {saved['dataset']} -> {fingerprint}")
+    if breaking:
+        raise ResumeError(
+            "cannot resume: the config differs from the checkpoint's in ways that change the run:\n  "
+            + "\n  ".join(breaking) + "\nStart a new run with another train.output_dir, or undo these changes.")
+    for key, old, new in changes:
+        log.info("resume: %s changed from %r to %r (allowed)", key, old, new)
+
+
+def _same_config_without_checkpoint(folder: CheckpointFolder, cfg: Config) -> bool:
+    """A run killed before its first checkpoint left nothing to lose: the same config may start over there."""
+    saved_yaml = folder.path / "config.yaml"
+    if not saved_yaml.exists():
+        return False
+    try:
+        from .config import load_config
+
+        return not [k for k, _, _ in diff_configs(load_config(saved_yaml), cfg) if k not in HARMLESS_ON_RESUME]
+    except ConfigError:
+        return False
+
+
+def _restore(saved: dict[str, Any], optimizer, ema, runtime: Runtime, state: TrainState) -> None:
+    optimizer.load_state_dict(saved["optimizer"])
+    if ema is not None:
+        if "state_dict_ema" not in saved:
+            raise ResumeError("train.ema is on but the checkpoint holds no EMA weights")
+        ema.module.load_state_dict(saved["state_dict_ema"])
+    runtime.load_state_dict(saved.get("runtime", {}))
+    state.load_state_dict(saved["train_state"])
+
+
+@contextmanager
+def _preemption_signals() -> Iterator[Any]:
+    """SIGTERM/SIGINT ask the loop to checkpoint and stop at the next optimizer-step boundary."""
+    received: list[int] = []
+
+    def handler(signum, frame) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        received.append(signum)
+        log.warning("received %s: checkpointing at the next step boundary", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield lambda: bool(received)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+
+def _announce(runtime: Runtime, derived: Derived, cfg: Config, saved: dict[str, Any] | None) -> None:
     if runtime.is_main:
         log.info("%s on %s x%d: global batch %d = micro batch %d x %d shards x %d accumulation steps, lr %.3g",
                  cfg.model.name, runtime.kind, runtime.num_shards, cfg.optim.global_batch_size,
                  derived.micro_batch_size, derived.num_shards, derived.accum_steps, derived.lr)
+        if saved is not None:
+            log.info("resuming %s at optimizer step %d", derived.output_dir, saved["train_state"]["step"])
 
 
 def _build_datasets(cfg: Config, derived: Derived):
@@ -150,7 +277,15 @@ def _eval_sampler(num_samples: int, cfg: Config, runtime: Runtime) -> EvalBatchS
 
 def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime) -> DataLoader:
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      pin_memory=runtime.device.type == "cuda", persistent_workers=num_workers > 0)
+                      pin_memory=runtime.device.type == "cuda", persistent_workers=num_workers > 0,
+                      worker_init_fn=_leave_signals_to_the_main_process)
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A preemption signal reaches the whole process group; workers must not die of it mid-batch, the
+    main process finishes the step, checkpoints and shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _build_ema(model, cfg: Config):
@@ -161,6 +296,26 @@ def _build_ema(model, cfg: Config):
     return ModelEmaV3(model, decay=cfg.train.ema_decay)
 
 
+def _record_provenance(run: RunFolder, cfg: Config, derived: Derived, runtime: Runtime, train_set, val_set,
+                       fingerprint: dict[str, Any], state: TrainState, saved: dict[str, Any] | None) -> None:
+    """config.yaml and classes.json; manifest.json on a fresh start, a resume entry appended on a resume."""
+    run.write_text("config.yaml", to_yaml(cfg, derived))
+    run.write_json("classes.json", list(train_set.classes))
+    manifest = build_manifest(runtime_info=runtime.describe(),
+                              dataset={"train": fingerprint, "val": dataset_fingerprint(val_set)},
+                              derived=vars(derived))
+    if saved is None:
+        run.truncate_logs_after(0)
+        run.write_json("manifest.json", manifest)
+        return
+    run.truncate_logs_after(state.step)  # rows a killed run wrote after its checkpoint are written again
+    previous = run.read_json("manifest.json") or manifest
+    previous.setdefault("resumes", []).append(
+        {"step": state.step, "created": manifest["created"], "command": manifest["command"],
+         "git": manifest["git"], "runtime": manifest["runtime"], "derived": manifest["derived"]})
+    run.write_json("manifest.json", previous)
+
+
 def _evaluate_epoch(model, ema, loader, runtime: Runtime) -> dict[str, Any]:
     result = evaluate(model, loader, runtime).as_dict()
     if ema is not None:
@@ -168,8 +323,10 @@ def _evaluate_epoch(model, ema, loader, runtime: Runtime) -> dict[str, Any]:
     return result
 
 
-def _checkpoint_payload(model, ema, optimizer, runtime: Runtime, state: TrainState, cfg: Config,
-                        classes) -> dict[str, Any]:
+def _checkpoint_payload(model, ema, optimizer, runtime: Runtime, state: TrainState, cfg: Config, classes,
+                        fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Everything the run depends on. Random draws are keyed by (seed, step, sample), so the position
+    (``train_state.step``) replaces the RNG states other trainers must save."""
     payload = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -177,15 +334,8 @@ def _checkpoint_payload(model, ema, optimizer, runtime: Runtime, state: TrainSta
         "runtime": runtime.state_dict(),
         "config": cfg.to_dict(),
         "classes": list(classes),
-        "rng": _rng_states(),
+        "dataset": fingerprint,
     }
     if ema is not None:
         payload["state_dict_ema"] = ema.module.state_dict()
     return runtime.to_cpu_state(payload)
-
-
-def _rng_states() -> dict[str, Any]:
-    """For the record: the loop keys every draw by (seed, step, sample), so a resume does not need these."""
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": torch.from_numpy(np_state[1].astype(np.int64))}

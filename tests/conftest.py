@@ -45,4 +45,4 @@ def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
         "eval.batch_size": 8, "runtime.device": "cpu",
     }
     settings.update(extra)
-    return [f"{key}={value}" for key, value in settings.items()]
+    return [f"{key}={'null' if value is None else value}" for key, value in settings.items()]

@@ -11,15 +11,15 @@ import yaml
 
 from conftest import tiny_overrides
 from mambaout.checkpoint import load_training_checkpoint
-from mambaout.config import load_config
+from mambaout.config import load_config, to_yaml
 from mambaout.optim import LrSchedule, create_optimizer, scaled_lr
 from mambaout.tracking import RunFolderError
 from mambaout.trainer import train
 
 
 def run(image_root, out, **extra):
-    result = train(load_config(None, tiny_overrides(image_root, out, **extra)))
-    return result, load_training_checkpoint(out / "last.pth")
+    outcome = train(load_config(None, tiny_overrides(image_root, out, **extra)))
+    return outcome.final_eval, load_training_checkpoint(out / "last.pth")
 
 
 def max_weight_difference(a: dict, b: dict) -> float:
@@ -91,7 +91,7 @@ def test_run_folder_records_everything(image_root, tmp_path):
     out = tmp_path / "run"
     result, state = run(image_root, out, **{"train.max_steps": 7})  # 6 steps per epoch: one epoch and a bit
     assert {"config.yaml", "manifest.json", "classes.json", "metrics.csv", "steps.csv", "last.pth",
-            "best.pth"} <= {p.name for p in out.iterdir()}
+            "best.pth", "checkpoints"} <= {p.name for p in out.iterdir()}
     assert any((out / "tensorboard").iterdir())
 
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -114,8 +114,16 @@ def test_run_folder_records_everything(image_root, tmp_path):
     assert json.loads((out / "classes.json").read_text()) == state["classes"]
     assert state["config"]["train"]["max_steps"] == 7
 
+    steps_log = (out / "steps.csv").read_text()
+    again = train(load_config(None, tiny_overrides(image_root, out, **{"train.max_steps": 7})))
+    assert again.step == 7 and (out / "steps.csv").read_text() == steps_log  # finished run: nothing redone
+
+    stale = tmp_path / "stale"  # a folder from another config that never reached a checkpoint
+    stale.mkdir()
+    (stale / "config.yaml").write_text(to_yaml(load_config(None, tiny_overrides(image_root, stale,
+                                                                                **{"train.seed": 1}))))
     with pytest.raises(RunFolderError, match="never overwritten"):
-        run(image_root, out)
+        run(image_root, stale)
 
 
 def test_corrupt_training_image_is_skipped_and_counted(image_root, tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -77,15 +77,24 @@ class Runtime:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
-                       clip_grad: float | None) -> torch.Tensor:
-        """Clips (when asked), steps, and returns the total gradient norm before clipping."""
+    def unscale_and_clip(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                         clip_grad: float | None) -> torch.Tensor:
+        """The total gradient norm (before clipping), gradients clipped to ``clip_grad`` when given."""
         if clip_grad is None:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return torch.nn.utils.clip_grad_norm_(params, clip_grad)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()
-        return grad_norm
+
+    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Leaves the weights as they are for this step (a non-finite step that is skipped)."""
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The user's module inside the wrappers that ``prepare_model`` or torch.compile added."""
+        while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+            model = getattr(model, "module", None) or model._orig_mod
+        return model
 
     def mark_step(self) -> None:
         """Cuts the lazy graph after a micro-step (XLA); nothing to do on eager devices."""
@@ -109,9 +118,25 @@ class Runtime:
         """Sum of ``tensor`` over all processes (in place where possible); returns the result."""
         return tensor
 
-    def all_true(self, flag: bool) -> bool:
-        """True when ``flag`` holds on every process (used so all ranks agree to stop)."""
-        return flag
+    def any_across(self, flags: list[bool]) -> list[bool]:
+        """Each flag OR-ed over all processes, so every rank takes the same decision (stop, skip)."""
+        return flags
+
+    def step_is_finite(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """A device tensor: True when this step's loss and gradient norm are finite."""
+        return torch.isfinite(loss) & torch.isfinite(grad_norm)
+
+    def agree(self, step_finite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+        """(finite on every process, stop requested on any): the decisions every rank must share before
+        the optimizer step. Reading the flag costs one host sync per optimizer step, the price of never
+        letting a NaN reach the weights."""
+        nonfinite, stop = self.any_across([not bool(step_finite), stop_requested])
+        return not nonfinite, stop
+
+    def after_step(self, callback: Callable[..., None], *tensors: torch.Tensor) -> None:
+        """Calls ``callback`` with the host values of ``tensors``. Eager devices call it now; XLA defers
+        it until the step's graph has run (a step closure), so reading values never stalls the step."""
+        callback(*[t.item() if t.numel() == 1 else t.tolist() for t in tensors])
 
     def barrier(self) -> None:
         pass

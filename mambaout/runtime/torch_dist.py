@@ -1,12 +1,25 @@
 """CPU and CUDA on torch.distributed: one process per device, started by ``torchrun`` (env:// rendezvous).
 
-A single process started without ``torchrun`` is a world of one and needs no process group.
+A single process started without ``torchrun`` is a world of one and needs no process group. Under torchrun:
+NCCL between GPUs, gloo between CPU processes, the model wrapped in DDP, whose gradient all-reduce runs once
+per optimizer step (``gradient_sync`` keeps the accumulation micro-steps local). Rank 0 alone reports: the
+``mambaout`` logger of the other ranks shows warnings and errors only.
+
+Failures end the run with a ``DistributedRuntimeError`` that names this rank, its host and the rendezvous
+address: a rendezvous that does not complete within ``runtime.dist_timeout_s``, and a collective that fails
+because another rank died (its connection closes) or did not answer within that timeout, so a lost rank
+stops the others instead of leaving them waiting.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import re
+import socket
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -25,15 +38,50 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def rendezvous_address() -> str:
+    """``MASTER_ADDR:MASTER_PORT`` as torchrun (or a hand-made launch) exported them."""
+    return f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+
+
+# gloo and NCCL report a lost peer or a timeout as a RuntimeError whose text names the backend
+# (gloo: "[.../gloo/transport/tcp/pair.cc] Read error ...: Connection reset by peer", "... Timed out waiting
+# 1800000ms for recv operation"); newer code paths raise torch.distributed.DistError.
+_BACKEND_FAILURE = re.compile(r"gloo|nccl|ProcessGroup", re.IGNORECASE)
+_TIMEOUT = re.compile(r"time[d ]?\s*out|timeout", re.IGNORECASE)
+
+
+def is_backend_failure(error: BaseException) -> bool:
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError) and bool(_BACKEND_FAILURE.search(str(error))))
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    text = text.rstrip(". ")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class TorchRuntime(Runtime):
     """``kind`` is "cpu" (gloo between processes) or "cuda" (NCCL, one GPU per process)."""
 
     def __init__(self, kind: str, precision: str = "fp32", timeout_s: int = 1800) -> None:
         self.kind = kind
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.timeout_s = timeout_s
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.peers: list[dict[str, Any]] = []  # (host, device) of every rank, gathered at start
+        self._failed = False
         if kind == "cuda":
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
+            visible = torch.cuda.device_count()
+            if self.local_rank >= visible:
+                shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+                raise DistributedRuntimeError(
+                    f"{self._where()}: LOCAL_RANK={self.local_rank} but this node sees {visible} GPU(s)"
+                    f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start one process per "
+                    f"GPU: --nproc_per_node={visible} or fewer")
+            torch.cuda.set_device(self.local_rank)
+            device = torch.device("cuda", self.local_rank)
         else:
             device = torch.device("cpu")
         super().__init__(device, precision)
@@ -45,20 +93,46 @@ class TorchRuntime(Runtime):
         if launched_by_torchrun():
             self._init_process_group(timeout_s)
 
+    @property
+    def backend(self) -> str:
+        return "nccl" if self.kind == "cuda" else "gloo"
+
+    def _where(self) -> str:
+        """``rank R/W on HOST`` as the environment states it (before the process group exists, too)."""
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        return f"rank {rank}/{world} (local rank {self.local_rank}) on {socket.gethostname()}"
+
     def _init_process_group(self, timeout_s: int) -> None:
-        backend = "nccl" if self.kind == "cuda" else "gloo"
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+            dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=timeout_s),
                                     device_id=self.device if self.kind == "cuda" else None)
         except Exception as error:  # the message must say where the rendezvous failed, not how
             raise DistributedRuntimeError(
-                f"rank {rank}/{world}: could not join the {backend} process group at {address}: {error}. "
-                "Check that every node uses the same --rdzv-endpoint/MASTER_ADDR:MASTER_PORT, that the port is "
-                "open between nodes, and that --nnodes x --nproc_per_node matches the processes started."
+                f"{self._where()}: could not join the {self.backend} process group at {rendezvous_address()} "
+                f"within runtime.dist_timeout_s={timeout_s}s: {_first_line(error)}. Check that every node uses "
+                "the same --rdzv-endpoint (MASTER_ADDR:MASTER_PORT), that this port is open between the nodes, "
+                "and that --nnodes x --nproc_per_node matches the processes started."
             ) from error
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if not self.is_main:  # rank 0 alone reports progress; every rank still shows warnings and errors
+            logging.getLogger("mambaout").setLevel(logging.WARNING)
+        self.peers = self._gather_peers()
+
+    def _gather_peers(self) -> list[dict[str, Any]]:
+        """Where every rank runs (for the manifest), checking that all ranks run the same torch."""
+        me = {"rank": self.rank, "host": socket.gethostname(), "device": self.device_name(),
+              "torch": torch.__version__}
+        try:
+            peers = self.gather_objects(me)
+        except Exception as error:
+            raise DistributedRuntimeError(self._collective_failure(error)) from error
+        versions = sorted({peer["torch"] for peer in peers})
+        if len(versions) > 1:
+            by_host = sorted({(peer["host"], peer["torch"]) for peer in peers})
+            raise DistributedRuntimeError(
+                f"the ranks run different torch versions ({', '.join(f'{h}: {v}' for h, v in by_host)}); "
+                "install the same environment on every node")
+        return peers
 
     @property
     def distributed(self) -> bool:
@@ -71,8 +145,16 @@ class TorchRuntime(Runtime):
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
-        info["backend"] = dist.get_backend() if dist.is_initialized() else None
-        info["nodes"] = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("NNODES", 1)))
+        hosts = sorted({peer["host"] for peer in self.peers}) or [info["host"]]
+        info.update({
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "nodes": int(os.environ.get("GROUP_WORLD_SIZE", len(hosts))),
+            "processes_per_node": self.local_world_size,
+            "hosts": hosts,
+            "device_names": sorted({peer["device"] for peer in self.peers}) or [info["device_name"]],
+            "rendezvous": rendezvous_address() if dist.is_initialized() else None,
+            "dist_timeout_s": self.timeout_s,
+        })
         return info
 
     def prepare_model(self, model: nn.Module, channels_last: bool) -> nn.Module:
@@ -80,6 +162,10 @@ class TorchRuntime(Runtime):
         if not self.distributed:
             return model
         device_ids = [self.device.index] if self.kind == "cuda" else None
+        # DDP compares a gradient's strides with its bucket's even on size-1 dimensions, where they mean nothing
+        # (depthwise conv weights [C, 1, k, k]); the layouts agree, so its performance warning is spurious.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
@@ -96,32 +182,57 @@ class TorchRuntime(Runtime):
         else:
             self.scaler.scale(loss).backward()
 
-    def optimizer_step(self, optimizer, params, clip_grad):
+    def unscale_and_clip(self, optimizer, params, clip_grad):
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)  # clip and report the true gradient norm
+        return super().unscale_and_clip(optimizer, params, clip_grad)
+
+    def step_is_finite(self, loss, grad_norm):
+        if self.scaler is not None:  # overflowing fp16 gradients are the scaler's business: it skips them
+            return torch.isfinite(loss)
+        return super().step_is_finite(loss, grad_norm)
+
+    def optimizer_step(self, optimizer) -> None:
         if self.scaler is None:
-            return super().optimizer_step(optimizer, params, clip_grad)
-        self.scaler.unscale_(optimizer)
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = (torch.nn.utils.get_total_norm(grads) if clip_grad is None
-                     else torch.nn.utils.clip_grad_norm_(params, clip_grad))
-        self.scaler.step(optimizer)  # skips the step when the scaled gradients overflowed
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)
         self.scaler.update()
-        return grad_norm
+
+    def skip_step(self, optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.update()  # closes the unscale_ of this step
 
     def sum_across(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def all_true(self, flag: bool) -> bool:
+    def any_across(self, flags: list[bool]) -> list[bool]:
         if not self.distributed:
-            return flag
-        value = torch.tensor(int(flag), device=self.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
+            return flags
+        values = torch.tensor([int(flag) for flag in flags], device=self.device)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in values.tolist()]
 
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def assert_same(self, what: str, value: Any) -> None:
+        """Raises on every rank unless all ranks hold the same ``value`` (e.g. the step a run resumes from:
+        a run folder that one node does not see would otherwise split the ranks silently)."""
+        if not self.distributed:
+            return
+        values = self.gather_objects(value)
+        if all(v == values[0] for v in values):
+            return
+        hosts = [peer["host"] for peer in self.peers] or ["?"] * len(values)
+        shown = "; ".join(f"rank {rank} on {host}: {v!r}" for rank, (host, v) in enumerate(zip(hosts, values))
+                          if rank == 0 or v != values[0])
+        raise DistributedRuntimeError(
+            f"the ranks disagree on {what} ({shown}); every node must see the same files (data.root, "
+            "train.output_dir on a shared filesystem) and run the same command")
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if not self.distributed:
@@ -137,6 +248,36 @@ class TorchRuntime(Runtime):
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 
+    # --- failures -----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def session(self) -> Iterator[TorchRuntime]:
+        """As ``Runtime.session``; a collective that fails (lost rank, timeout) becomes a
+        ``DistributedRuntimeError`` that says which rank saw it, where, and what to look at."""
+        with super().session():
+            try:
+                yield self
+            except BaseException as error:
+                self._failed = True
+                if self.distributed and is_backend_failure(error):
+                    raise DistributedRuntimeError(self._collective_failure(error)) from error
+                raise
+
+    def _collective_failure(self, error: BaseException) -> str:
+        if _TIMEOUT.search(str(error)):
+            why = (f"no answer within runtime.dist_timeout_s={self.timeout_s}s: another rank stopped or hangs; "
+                   "raise the timeout only if some rank legitimately works that long alone")
+        else:
+            why = "another rank stopped or became unreachable"
+        return (f"{self._where()}: a {self.backend} collective failed ({why}); stopping. The first failing rank "
+                f"and its error are in that rank's log and in torchrun's failure summary. Backend message: "
+                f"{_first_line(error)} [rendezvous {rendezvous_address()}]")
+
     def shutdown(self) -> None:
+        if not dist.is_initialized():
+            return
+        if self._failed and self.kind == "cuda":
+            # A communicator with a lost peer can block a graceful destroy; abort it (it then counts as gone).
+            with contextlib.suppress(Exception):
+                dist.distributed_c10d._abort_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,205 @@
+"""Crash-proof training: a killed or preempted run, resumed with the same command, is the same run."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from mambaout import checkpoint
+from mambaout.checkpoint import CheckpointError, CheckpointFolder, load_training_checkpoint
+from mambaout.config import load_config
+from mambaout.engine import NonFiniteLossError
+from mambaout.trainer import PREEMPTED_EXIT_CODE, ResumeError, train
+
+REPO = Path(__file__).resolve().parents[1]
+# Mixup/CutMix, drop path and random erasing are on (the schema's recipe defaults), 2 data workers.
+RUN = {"train.max_steps": 8, "data.num_workers": 2, "train.checkpoint_every_steps": 2,
+       "aug.random_erase_prob": 0.5}
+
+
+def launch(image_root, out, nproc: int = 1, **extra) -> subprocess.Popen:
+    overrides = tiny_overrides(image_root, out, **{**RUN, **extra})
+    if nproc == 1:
+        command = [sys.executable, "train.py", *overrides]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(free_port()), "train.py", *overrides]
+    # A session of its own, so that a kill reaches torchrun's workers too.
+    return subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> int:
+    output, _ = process.communicate(timeout=timeout)
+    process.output = output
+    return process.returncode
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"run ended before {path.name} appeared:\n{process.communicate()[0]}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+def assert_same_run(out_a: Path, out_b: Path) -> None:
+    a, b = load_training_checkpoint(out_a / "last.pth"), load_training_checkpoint(out_b / "last.pth")
+    assert a["train_state"]["step"] == b["train_state"]["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
+        assert ka == kb and all(torch.equal(va[name], vb[name]) for name in va)
+    for log in ("steps.csv", "metrics.csv"):  # losses, lr, accuracy to the last digit; timings differ
+        assert _without_timing(out_a / log) == _without_timing(out_b / log)
+
+
+def _without_timing(path: Path) -> list[list[str]]:
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    drop = {i for i, column in enumerate(rows[0]) if column in ("img_per_s", "epoch_seconds")}
+    return [[v for i, v in enumerate(row) if i not in drop] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    process = launch(image_root, out)
+    assert finish(process) == 0, process.output
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_same_command_resumes_bit_identically(image_root, uninterrupted, tmp_path, nproc):
+    out = tmp_path / "killed"
+    if nproc > 1:  # the 2-process reference: the same run, as torchrun
+        reference = tmp_path / "reference"
+        process = launch(image_root, reference, nproc=nproc)
+        assert finish(process) == 0, process.output
+        uninterrupted = reference
+    process = launch(image_root, out, nproc=nproc)
+    wait_for(out / "checkpoints" / "step_00000004.pth", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert finish(process) == -signal.SIGKILL
+    assert CheckpointFolder(out).load_latest()["train_state"]["step"] >= 4
+
+    process = launch(image_root, out, nproc=nproc)
+    assert finish(process) == 0, process.output
+    assert "resuming" in process.output
+    assert_same_run(uninterrupted, out)
+
+
+def test_sigterm_saves_exits_with_preemption_code_and_resumes(image_root, uninterrupted, tmp_path):
+    out = tmp_path / "preempted"
+    process = launch(image_root, out, **{"train.checkpoint_every_steps": None})
+    wait_for(out / "steps.csv", process)  # training has started: mid-epoch, no checkpoint yet
+    os.killpg(process.pid, signal.SIGTERM)
+    assert finish(process) == PREEMPTED_EXIT_CODE, process.output
+    saved = load_training_checkpoint(out / "last.pth")
+    assert 0 < saved["train_state"]["step"] < 6  # stopped inside the first epoch
+
+    process = launch(image_root, out, **{"train.checkpoint_every_steps": None})
+    assert finish(process) == 0, process.output
+    assert_same_run(uninterrupted, out)
+
+
+KILL_DURING_WRITE = """
+import os, signal, sys, torch
+from mambaout.checkpoint import CheckpointFolder
+folder = CheckpointFolder(sys.argv[1])
+folder.save({"train_state": {"step": 1}, "model": {"w": torch.ones(3)}}, step=1)
+real_save = torch.save
+def torn_save(obj, f):
+    f.write(b"PK\\x03\\x04 half a checkpoint")
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = torn_save
+folder.save({"train_state": {"step": 2}, "model": {"w": torch.zeros(3)}}, step=2)
+"""
+
+
+def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
+    process = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(tmp_path)], cwd=REPO)
+    assert process.returncode == -signal.SIGKILL
+    survivor = CheckpointFolder(tmp_path).load_latest()
+    assert survivor["train_state"]["step"] == 1 and torch.equal(survivor["model"]["w"], torch.ones(3))
+    assert not (tmp_path / "checkpoints" / "step_00000002.pth").exists()
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    folder = CheckpointFolder(tmp_path)
+    folder.save({"train_state": {"step": 1}, "model": {}}, step=1)
+
+    def no_space(obj, f):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", no_space)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
+        folder.save({"train_state": {"step": 2}, "model": {}}, step=2)
+    monkeypatch.undo()
+    assert folder.load_latest()["train_state"]["step"] == 1
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pth"]  # no debris
+
+
+class NanAtCall:
+    """A criterion that returns NaN from its ``at``-th call on (an injected fault)."""
+
+    def __init__(self, criterion, at: int) -> None:
+        self.criterion, self.at, self.calls = criterion, at, 0
+
+    def __call__(self, logits, targets):
+        self.calls += 1
+        loss = self.criterion(logits, targets)
+        return loss * float("nan") if self.calls >= self.at else loss
+
+
+def inject_nan(monkeypatch, at: int) -> None:
+    import mambaout.trainer as trainer
+
+    real = trainer.create_criterion
+    monkeypatch.setattr(trainer, "create_criterion", lambda *a: NanAtCall(real(*a), at))
+
+
+def test_injected_nan_stops_with_the_step_and_an_unpoisoned_checkpoint(image_root, tmp_path, monkeypatch):
+    inject_nan(monkeypatch, at=9)  # micro-batch 9 = the first of optimizer step 5 (2 micro-batches a step)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match=r"step 5: micro-batch losses \[nan, nan\].*Last good "
+                                                  r"checkpoint: .*last.pth"):
+        train(load_config(None, tiny_overrides(image_root, out, **RUN)))
+    saved = load_training_checkpoint(out / "last.pth")
+    assert saved["train_state"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_skip_nonfinite_skips_and_counts(image_root, tmp_path, monkeypatch):
+    inject_nan(monkeypatch, at=15)  # steps 8 onwards
+    out = tmp_path / "skip"
+    outcome = train(load_config(None, tiny_overrides(image_root, out, **RUN, **{"train.skip_nonfinite": True})))
+    saved = load_training_checkpoint(out / "last.pth")
+    assert outcome.step == 8 and saved["train_state"]["nonfinite_skips"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["model"].values())
+
+
+def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(image_root, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    with pytest.raises(ResumeError, match=r"model.drop_path_rate: 0.1 -> 0.2"):
+        train(load_config(None, tiny_overrides(image_root, out, **{**RUN, "model.drop_path_rate": 0.2})))
+    outcome = train(load_config(None, tiny_overrides(image_root, out, **{**RUN, "train.log_interval": 5})))
+    assert outcome.step == 8
