@@ -157,7 +157,7 @@ def train_one_epoch(
         if finite:
             runtime.optimizer_step(optimizer)
             if ema is not None:
-                ema.update(runtime.unwrap(model), step=state.step)
+                ema.update(runtime.unwrap(model), step=state.step + 1)  # counted from 1, like timm
         elif skip_nonfinite:
             runtime.skip_step(optimizer)
             state.nonfinite_skips += 1

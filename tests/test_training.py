@@ -135,3 +135,30 @@ def test_corrupt_training_image_is_skipped_and_counted(image_root, tmp_path):
     victim.write_bytes(b"not an image at all")
     _, state = run(root, tmp_path / "run", **{"train.max_steps": 6})  # one whole epoch: every image seen
     assert state["train_state"]["bad_images"] == 1
+
+
+def test_ema_is_evaluated_and_checkpointed(image_root, tmp_path):
+    _, state = run(image_root, tmp_path / "ema", **{"train.ema": True, "train.ema_decay": 0.5,
+                                                     "train.max_steps": 2})
+    assert state["state_dict_ema"].keys() == state["model"].keys()
+    assert any(not torch.equal(state["state_dict_ema"][k], state["model"][k]) for k in state["model"])
+    with open(tmp_path / "ema" / "metrics.csv") as f:
+        assert float(next(csv.DictReader(f))["ema_top1"]) >= 0
+
+
+@pytest.mark.parametrize("variant,drop_path", [("femto", 0.025), ("kobe", 0.025), ("tiny", 0.2), ("small", 0.4),
+                                               ("base", 0.6)])
+def test_print_config_shows_the_published_recipe(variant, drop_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    import train as train_cli
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--config", f"configs/mambaout_{variant}.yaml", "--print-config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"] == {**config["model"], "name": f"mambaout_{variant}", "drop_path_rate": drop_path}
+    assert config["derived"] == {**config["derived"], "lr": 4e-3, "accum_steps": 32, "micro_batch_size": 128,
+                                 "total_epochs": 310, "eval_img_size": 224}
+    assert config["optim"]["global_batch_size"] == 4096 and config["sched"]["warmup_epochs"] == 20
