@@ -407,9 +407,14 @@ def derive(cfg: Config, num_shards: int) -> Derived:
         num_shards=num_shards,
         accum_steps=global_batch // (micro * num_shards),
         total_epochs=cfg.sched.epochs + cfg.sched.cooldown_epochs,
-        eval_img_size=cfg.eval.img_size if cfg.eval.img_size is not None else cfg.data.img_size,
+        eval_img_size=eval_img_size(cfg),
         output_dir=cfg.train.output_dir or f"runs/{cfg.model.name}",
     )
+
+
+def eval_img_size(cfg: Config) -> int:
+    """The evaluation resolution: `eval.img_size`, or the training size when it is null."""
+    return cfg.eval.img_size if cfg.eval.img_size is not None else cfg.data.img_size
 
 
 def _batch_split_error(global_batch: int, micro: int, num_shards: int) -> str:

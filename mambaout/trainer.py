@@ -18,14 +18,15 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from .checkpoint import CheckpointFolder
 from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, to_yaml
-from .data import (EvalBatchSampler, MicroBatchSampler, build_dataset, build_eval_transform, build_mixup,
-                   build_train_transform, dataset_fingerprint)
+from .data import (EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, build_train_transform,
+                   dataset_fingerprint)
 from .data.sampling import derive_seed
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
 from .optim import LrSchedule, create_optimizer
 from .runtime import Runtime, create_runtime
 from .tracking import Progress, RunFolder, build_manifest
+from .validation import eval_transform
 
 log = logging.getLogger("mambaout")
 
@@ -60,7 +61,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         derived = derive(cfg, runtime.num_shards)
         folder = CheckpointFolder(derived.output_dir, keep=cfg.train.keep_checkpoints)
         saved = _checkpoint_to_resume(folder, resume)
-        train_set, val_set = _build_datasets(cfg, derived)
+        train_set, val_set = _build_datasets(cfg)
         fingerprint = dataset_fingerprint(train_set)
         if saved is not None:
             _check_resumable(cfg, saved, fingerprint)
@@ -248,22 +249,19 @@ def _announce(runtime: Runtime, derived: Derived, cfg: Config, saved: dict[str, 
             log.info("resuming %s at optimizer step %d", derived.output_dir, saved["train_state"]["step"])
 
 
-def _build_datasets(cfg: Config, derived: Derived):
+def _build_datasets(cfg: Config):
     aug = cfg.aug
     train_tf = build_train_transform(
         cfg.data.img_size, rand_augment=aug.rand_augment, random_erase_prob=aug.random_erase_prob,
         random_erase_mode=aug.random_erase_mode, random_erase_count=aug.random_erase_count,
         crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip,
         interpolation=aug.interpolation, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
-    eval_tf = build_eval_transform(derived.eval_img_size, crop_pct=cfg.eval.crop_pct,
-                                   interpolation=cfg.eval.interpolation, mean=tuple(cfg.data.mean),
-                                   std=tuple(cfg.data.std))
     data = cfg.data
     synthetic = {"format": data.format, "num_classes": data.synthetic_num_classes, "img_size": data.img_size,
                  "seed": cfg.train.seed}
     train_set = build_dataset(data.root, data.train_split, train_tf, train=True,
                               num_samples=data.synthetic_train_size, **synthetic)
-    val_set = build_dataset(data.root, data.val_split, eval_tf, train=False, classes=train_set.classes,
+    val_set = build_dataset(data.root, data.val_split, eval_transform(cfg), train=False, classes=train_set.classes,
                             num_samples=data.synthetic_val_size, **synthetic)
     return train_set, val_set
 

@@ -1,0 +1,282 @@
+"""Validation of a checkpoint on a dataset: exact top-1/top-5 whatever the device count.
+
+Used by ``validate.py``; the evaluation itself is ``engine.evaluate``, shared with the training loop.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import checkpoint
+from .config import Config, eval_img_size
+from .data import EvalBatchSampler, build_dataset, build_eval_transform
+from .engine import evaluate
+from .models import MambaOut, create_model
+from .models.info import count_macs
+from .models.published import PUBLISHED
+from .runtime import Runtime, create_runtime
+from .tracking import Progress, software_versions
+
+log = logging.getLogger("mambaout")
+
+# Columns of a --results .csv (a row per run; an existing file keeps its own header).
+RESULT_COLUMNS = ("model", "checkpoint", "data", "img_size", "crop_pct", "interpolation", "use_ema",
+                  "top1", "top5", "loss", "count", "bad_images_skipped", "params", "gmacs", "img_per_s",
+                  "devices", "device", "published_top1", "top1_minus_published")
+
+
+class ValidationError(Exception):
+    """A validation that cannot run as asked; the message says what to do."""
+
+
+class BadImagesError(ValidationError):
+    pass
+
+
+@dataclass
+class ValidationRequest:
+    """What validate.py asks for beyond the config (which holds model, data and eval settings)."""
+
+    checkpoint: str
+    results: str | None = None
+    predictions: str | None = None
+    skip_bad_images: bool = False
+
+
+def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
+    """Evaluates ``request.checkpoint`` as ``cfg`` says; returns (and reports) the summary."""
+    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s)
+    with runtime.session():
+        weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
+        dataset = build_eval_dataset(cfg, classes)
+        model = build_model(cfg.model.name, weights, dataset, request.checkpoint)
+        runtime.prepare_model(model, cfg.train.channels_last)  # evaluation runs the bare model, as training's
+
+        sampler = EvalBatchSampler(len(dataset), cfg.eval.batch_size * len(runtime.shard_ids),
+                                   runtime.world_size, runtime.rank, pad_to_full=runtime.fixed_shapes)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                            pin_memory=runtime.device.type == "cuda")
+        progress = Progress(len(dataset), "validate", enabled=runtime.is_main)
+        start = time.perf_counter()
+        result = evaluate(model, loader, runtime, collect_predictions=request.predictions is not None,
+                          # this process's share times the world size: an estimate, capped at the total
+                          on_batch=lambda n: progress.update(min(n * runtime.world_size,
+                                                                 len(dataset) - progress.done)))
+        seconds = time.perf_counter() - start
+        bad_files = [dataset.samples[i][0] for i in result.bad_indices]
+        if result.count + len(bad_files) != len(dataset):  # the promise of exact evaluation, checked
+            raise RuntimeError(f"evaluated {result.count} + {len(bad_files)} unreadable images of {len(dataset)}")
+        if bad_files and not request.skip_bad_images:
+            raise BadImagesError(
+                f"{len(bad_files)} image(s) could not be read: {', '.join(bad_files[:20])}"
+                f"{' ...' if len(bad_files) > 20 else ''}. Replace them, or pass --skip-bad-images to "
+                "leave them out (the count is recorded in the results).")
+        summary = _summary(cfg, request, result.as_dict(), model, dataset, runtime, seconds, len(bad_files))
+        if runtime.is_main:
+            _report(summary)
+            if request.results:
+                write_results(summary, request.results)
+            if request.predictions:
+                bad = set(result.bad_indices)
+                write_predictions([row for row in result.predictions if row[0] not in bad], dataset,
+                                  request.predictions)
+        return summary
+
+
+# --- what to evaluate ------------------------------------------------------------------------------------------
+
+def pretrained_overrides(model_name: str) -> list[str]:
+    """Config overrides that evaluate like the model's pretrained config (size, crop, filter, mean/std)."""
+    with torch.device("meta"):
+        pretrained = getattr(_create(model_name), "pretrained_cfg", None) or {}
+    keys = {"eval.img_size": pretrained.get("input_size", (3, None, None))[-1],
+            "eval.crop_pct": pretrained.get("crop_pct"), "eval.interpolation": pretrained.get("interpolation"),
+            "data.mean": pretrained.get("mean"), "data.std": pretrained.get("std")}
+    return [f"{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for key, v in keys.items()
+            if v is not None]
+
+
+def release_checkpoint(model_name: str) -> str:
+    """Path of the released weights of ``model_name``, downloaded once into torch's hub cache."""
+    published = PUBLISHED.get(model_name)
+    if published is None:
+        raise ValidationError(
+            f"--pretrained: no released weights are known for {model_name!r} (known: {', '.join(PUBLISHED)}); "
+            "download the weights yourself and pass --checkpoint PATH")
+    target = Path(torch.hub.get_dir()) / "checkpoints" / published.release_file
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(published.release_url, str(target), progress=True)
+        except OSError as error:  # URLError is an OSError: offline, proxy, DNS, refused
+            raise ValidationError(
+                f"--pretrained: could not download {published.release_url} ({error}). Without a network "
+                f"connection, fetch that file elsewhere and pass --checkpoint PATH") from None
+    return str(target)
+
+
+def read_checkpoint(path: str, use_ema: bool) -> tuple[dict, list[str] | None]:
+    """The weights and, for a checkpoint of this project, the class list it was trained on: saved in the
+    training checkpoint, or ``classes.json`` of the run folder beside it."""
+    content = checkpoint.read_file(path)
+    weights = checkpoint.unwrap_state_dict(content, use_ema=use_ema, source=path)
+    classes = content.get("classes") if isinstance(content, dict) else None
+    run_classes = Path(path).parent / "classes.json"
+    if classes is None and run_classes.is_file():
+        classes = json.loads(run_classes.read_text())
+    return weights, classes
+
+
+def eval_transform(cfg: Config):
+    """The evaluation preprocessing of a config (shared with the training loop's evaluation)."""
+    return build_eval_transform(eval_img_size(cfg), crop_pct=cfg.eval.crop_pct,
+                                interpolation=cfg.eval.interpolation, mean=tuple(cfg.data.mean),
+                                std=tuple(cfg.data.std))
+
+
+def build_eval_dataset(cfg: Config, classes: list[str] | None = None):
+    """The split to evaluate; ``data.root`` may also be the split folder itself (as with timm)."""
+    data, split = cfg.data, cfg.data.val_split
+    if data.format == "folder":
+        if data.root is None:
+            raise ValidationError("no dataset given: pass --data DIR (or data.root=DIR)")
+        root = Path(data.root)
+        if root.is_dir() and not (root / split).is_dir() and not (root / data.train_split).is_dir():
+            log.info("%s has no '%s' sub-folder: evaluating the folder itself", root, split)
+            split = ""
+    return build_dataset(data.root, split, eval_transform(cfg), train=False, classes=classes,
+                         format=data.format, num_samples=data.synthetic_val_size,
+                         num_classes=data.synthetic_num_classes, img_size=eval_img_size(cfg), seed=cfg.train.seed)
+
+
+def build_model(name: str, weights: dict, dataset, source: str) -> nn.Module:
+    """``name`` with ``weights``, whose classifier must predict the dataset's classes."""
+    model = _create(name, num_classes=dataset.num_classes)
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    if classifier:
+        named = checkpoint.to_timm_layout(weights) if isinstance(model, MambaOut) else weights
+        saved = named.get(f"{classifier}.weight")
+        if saved is None:
+            raise checkpoint.CheckpointError(
+                f"{source}: has no classifier ({classifier}.weight), so it cannot be evaluated: pass the full "
+                f"weights of a {name} classifier, not a backbone or feature-extractor file")
+        if saved.shape[0] != dataset.num_classes:
+            raise ValidationError(
+                f"{source}: the model predicts {saved.shape[0]} classes but the dataset '{dataset.root}' has "
+                f"{dataset.num_classes}. Evaluate on the dataset it was trained on (ImageNet synset folders map "
+                "to the 1000 classes), or pass a checkpoint of this project, which records its class list.")
+    checkpoint.load_weights(model, weights, source=source)
+    return model
+
+
+def _create(name: str, **overrides) -> nn.Module:
+    try:
+        return create_model(name, **overrides)
+    except ValueError as error:  # unknown name: the message lists the closest ones
+        raise ValidationError(str(error)) from None
+
+
+# --- results ---------------------------------------------------------------------------------------------------
+
+def published_reference(name: str, num_classes: int, img_size: int, crop_pct: float,
+                        interpolation: str) -> dict[str, float]:
+    """The published top-1 of a released model evaluated as it was published (ImageNet-1k, crop 1.0, bicubic):
+    timm's re-evaluation of the released weights at 224 or 288, and the paper's figure at 224."""
+    published = PUBLISHED.get(name)
+    if published is None or num_classes != 1000 or crop_pct != 1.0 or interpolation != "bicubic":
+        return {}
+    timm_top1 = {224: published.timm_top1_224, 288: published.timm_top1_288}.get(img_size)
+    if timm_top1 is None:
+        return {}
+    return {"published_top1": timm_top1, **({"paper_top1": published.top1} if img_size == 224 else {})}
+
+
+def _summary(cfg: Config, request: ValidationRequest, result: dict[str, Any], model: nn.Module, dataset,
+             runtime: Runtime, seconds: float, bad_images: int) -> dict[str, Any]:
+    size = eval_img_size(cfg)
+    summary: dict[str, Any] = {
+        "model": cfg.model.name,
+        "checkpoint": request.checkpoint,
+        "data": str(getattr(dataset, "root", None) or cfg.data.format),  # the folder evaluated
+        "img_size": size,
+        "crop_pct": cfg.eval.crop_pct,
+        "interpolation": cfg.eval.interpolation,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "use_ema": cfg.eval.use_ema,
+        **result,
+        "bad_images_skipped": bad_images,
+        "params": sum(p.numel() for p in model.parameters()),
+        "gmacs": round(_gmacs(cfg.model.name, dataset.num_classes, size), 4),
+        "img_per_s": round(result["count"] / max(seconds, 1e-9), 2),
+        "devices": runtime.num_shards,
+        "device": runtime.kind,
+        "precision": cfg.train.precision,
+        "versions": software_versions(),
+    }
+    reference = published_reference(cfg.model.name, dataset.num_classes, size, cfg.eval.crop_pct,
+                                     cfg.eval.interpolation)
+    if reference:
+        summary.update(reference)
+        summary["top1_minus_published"] = round(result["top1"] - reference["published_top1"], 3)
+    return summary
+
+
+def _gmacs(model_name: str, num_classes: int, img_size: int) -> float:
+    """Counted on a shape-only copy, so no device (XLA above all) runs an extra graph for it."""
+    with torch.device("meta"):
+        model = create_model(model_name, num_classes=num_classes)
+    return count_macs(model, img_size) / 1e9
+
+
+def _report(summary: dict[str, Any]) -> None:
+    line = (f"{summary['model']} @ {summary['img_size']}px on {summary['count']} images: "
+            f"top-1 {summary['top1']:.3f}  top-5 {summary['top5']:.3f}  loss {summary['loss']:.4f}  "
+            f"({summary['img_per_s']:.1f} img/s, {summary['params']:,} params, {summary['gmacs']:.2f} GMACs)")
+    if "published_top1" in summary:
+        paper = f", paper {summary['paper_top1']:.1f}" if "paper_top1" in summary else ""
+        line += (f"\n  published top-1 {summary['published_top1']:.3f} (timm, released weights{paper}): "
+                 f"difference {summary['top1_minus_published']:+.3f}")
+    if summary["bad_images_skipped"]:
+        line += f"\n  {summary['bad_images_skipped']} unreadable image(s) skipped"
+    print(line, flush=True)
+
+
+def write_results(summary: dict[str, Any], path: str) -> None:
+    """``.json`` (the whole record) or ``.csv`` (one row appended per run, header on creation)."""
+    target = Path(path)
+    if target.suffix == ".json":
+        target.write_text(json.dumps(summary, indent=2) + "\n")
+        return
+    new = not target.exists() or target.stat().st_size == 0
+    header = list(RESULT_COLUMNS) if new else next(csv.reader(target.open(newline="")))
+    with open(target, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header, restval="", extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(summary)
+
+
+def write_predictions(predictions, dataset, path: str) -> None:
+    """One row per image: file, label, then the top-5 classes and their probabilities."""
+    names = dataset.classes
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        k = len(predictions[0][2]) if predictions else 5
+        writer.writerow(["image", "label", *[f"top{i + 1}" for i in range(k)],
+                         *[f"prob{i + 1}" for i in range(k)]])
+        for index, target, classes, scores in predictions:
+            image = os.path.relpath(dataset.samples[index][0], dataset.root) if dataset.root else str(index)
+            writer.writerow([image, names[target] if target >= 0 else "", *[names[c] for c in classes],
+                             *[f"{s:.6f}" for s in scores]])
