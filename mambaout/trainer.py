@@ -61,6 +61,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         derived = derive(cfg, runtime.num_shards)
         folder = CheckpointFolder(derived.output_dir, keep=cfg.train.keep_checkpoints)
         saved = _checkpoint_to_resume(folder, resume)
+        runtime.assert_same("the step to resume from", saved and saved["train_state"]["step"])
         train_set, val_set = _build_datasets(cfg)
         fingerprint = dataset_fingerprint(train_set)
         if saved is not None:

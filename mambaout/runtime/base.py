@@ -14,6 +14,10 @@ import torch
 from torch import nn
 
 
+class DistributedRuntimeError(RuntimeError):
+    """Rendezvous or collective failure, with the address and rank that a user needs to fix it."""
+
+
 class Runtime:
     """Base class with the single-process behaviour; subclasses override what differs."""
 
@@ -144,6 +148,16 @@ class Runtime:
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every process's ``obj``, in rank order, on every process."""
         return [obj]
+
+    def assert_same(self, what: str, value: Any) -> None:
+        """Raises on every process unless all hold the same ``value`` (e.g. the step a run resumes from: a
+        run folder that one node does not see would otherwise split the ranks silently)."""
+        values = self.gather_objects(value)
+        if any(v != values[0] for v in values):
+            shown = "; ".join(f"rank {rank}: {v!r}" for rank, v in enumerate(values))
+            raise DistributedRuntimeError(
+                f"the processes disagree on {what} ({shown}); every node must see the same files (data.root, "
+                "train.output_dir on a shared filesystem) and run the same command")
 
     # --- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ per optimizer step (``gradient_sync`` keeps the accumulation micro-steps local).
 Failures end the run with a ``DistributedRuntimeError`` that names this rank, its host and the rendezvous
 address: a rendezvous that does not complete within ``runtime.dist_timeout_s``, and a collective that fails
 because another rank died (its connection closes) or did not answer within that timeout, so a lost rank
-stops the others instead of leaving them waiting.
+stops the others instead of leaving them waiting. (On NCCL, the process group's watchdog may end a timed-out
+process itself first, with its own message naming the collective, the rank and the timeout.)
 """
 from __future__ import annotations
 
@@ -27,11 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import Runtime
-
-
-class DistributedRuntimeError(RuntimeError):
-    """Rendezvous or collective failure, with the address and rank that a user needs to fix it."""
+from .base import DistributedRuntimeError, Runtime
 
 
 def launched_by_torchrun() -> bool:
@@ -116,7 +113,12 @@ class TorchRuntime(Runtime):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if not self.is_main:  # rank 0 alone reports progress; every rank still shows warnings and errors
             logging.getLogger("mambaout").setLevel(logging.WARNING)
-        self.peers = self._gather_peers()
+        try:
+            self.peers = self._gather_peers()
+        except BaseException:
+            self._failed = True
+            self.shutdown()  # no session() will close the group this constructor opened
+            raise
 
     def _gather_peers(self) -> list[dict[str, Any]]:
         """Where every rank runs (for the manifest), checking that all ranks run the same torch."""
@@ -218,21 +220,6 @@ class TorchRuntime(Runtime):
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
-
-    def assert_same(self, what: str, value: Any) -> None:
-        """Raises on every rank unless all ranks hold the same ``value`` (e.g. the step a run resumes from:
-        a run folder that one node does not see would otherwise split the ranks silently)."""
-        if not self.distributed:
-            return
-        values = self.gather_objects(value)
-        if all(v == values[0] for v in values):
-            return
-        hosts = [peer["host"] for peer in self.peers] or ["?"] * len(values)
-        shown = "; ".join(f"rank {rank} on {host}: {v!r}" for rank, (host, v) in enumerate(zip(hosts, values))
-                          if rank == 0 or v != values[0])
-        raise DistributedRuntimeError(
-            f"the ranks disagree on {what} ({shown}); every node must see the same files (data.root, "
-            "train.output_dir on a shared filesystem) and run the same command")
 
     def gather_objects(self, obj: Any) -> list[Any]:
         if not self.distributed:
