@@ -75,8 +75,9 @@ class RunFolder:
             return
         if not resume and self.path.exists() and any(self.path.iterdir()):
             raise RunFolderError(
-                f"train.output_dir '{self.path}' already holds a run with another config and no checkpoint "
-                "to resume; a run folder is never overwritten. Pass another train.output_dir=...")
+                f"train.output_dir '{self.path}' already holds a run that cannot be continued with this config "
+                "and options; a run folder is never overwritten. Pass another train.output_dir=..., or continue "
+                "that run with its own config and --resume auto")
         self.path.mkdir(parents=True, exist_ok=True)
 
     def write_text(self, name: str, text: str) -> None:

@@ -66,8 +66,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         fingerprint = dataset_fingerprint(train_set)
         if saved is not None:
             _check_resumable(cfg, saved, fingerprint)
-        run = RunFolder(derived.output_dir, enabled=runtime.is_main,
-                        resume=saved is not None or _same_config_without_checkpoint(folder, cfg))
+        reuse_folder = saved is not None or (resume == "auto" and _same_config_without_checkpoint(folder, cfg))
+        run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
         _announce(runtime, derived, cfg, saved)
 
         num_classes = cfg.model.num_classes or len(train_set.classes)

@@ -251,3 +251,12 @@ def test_variant_configs_add_only_the_model(variant):
     doc = yaml.safe_load((CONFIGS / f"mambaout_{variant}.yaml").read_text())
     model = {"name": f"mambaout_{variant}", "drop_path_rate": DROP_PATH[variant]}
     assert doc == {"base": "_recipe.yaml", "model": model}
+
+
+def test_config_reference_document_is_in_step_with_the_schema():
+    from pathlib import Path
+
+    from mambaout.config import describe_schema
+
+    document = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    assert document.endswith(describe_schema() + "\n"), "regenerate docs/CONFIG.md: python train.py --help-config"

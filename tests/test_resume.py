@@ -16,6 +16,7 @@ from mambaout import checkpoint
 from mambaout.checkpoint import CheckpointError, CheckpointFolder, load_training_checkpoint
 from mambaout.config import load_config
 from mambaout.engine import NonFiniteLossError
+from mambaout.tracking import RunFolderError
 from mambaout.trainer import PREEMPTED_EXIT_CODE, ResumeError, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,3 +204,5 @@ def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(image_root, 
         train(load_config(None, tiny_overrides(image_root, out, **{**RUN, "model.drop_path_rate": 0.2})))
     outcome = train(load_config(None, tiny_overrides(image_root, out, **{**RUN, "train.log_interval": 5})))
     assert outcome.step == 8
+    with pytest.raises(RunFolderError, match="never overwritten"):
+        train(load_config(None, tiny_overrides(image_root, out, **RUN)), resume="never")
