@@ -1,13 +1,16 @@
 """Device runtimes behind one interface (see ``base.Runtime``): cpu and cuda on torch.distributed, xla on
-torch_xla. ``create_runtime`` is the only place that chooses between them."""
+torch_xla (``xla.XlaRuntime``, imported only when chosen). ``create_runtime`` is the only place that chooses
+between them."""
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
-from .base import Runtime
-from .torch_dist import DistributedRuntimeError, TorchRuntime
+from ..config import ConfigError
+from .base import DistributedRuntimeError, Runtime
+from .torch_dist import TorchRuntime
 
 DEVICES = ("auto", "cpu", "cuda", "xla")
 
@@ -24,8 +27,12 @@ def resolve_device(device: str) -> str:
 def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int = 1800) -> Runtime:
     kind = resolve_device(device)
     if kind == "xla":
-        raise NotImplementedError("runtime.device=xla is not available yet (the torch_xla runtime is tracked "
-                                  "in its own issue); use runtime.device=cpu or cuda")
+        if importlib.util.find_spec("torch_xla") is None:
+            raise ConfigError("runtime.device=xla needs torch_xla, which this environment lacks; create its "
+                              "environment with `bash scripts/setup_xla_env.sh` (README, 'Training on TPU')")
+        from .xla import XlaRuntime  # the only import of torch_xla
+
+        return XlaRuntime(precision, timeout_s)
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if kind not in ("cpu", "cuda"):

@@ -1,0 +1,370 @@
+"""Training and validation on XLA (torch_xla, PJRT) on the XLA CPU device, against the eager CPU run.
+
+Runs in the torch_xla environment (``bash scripts/setup_xla_env.sh``):
+
+    PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla
+
+and is skipped where torch_xla is absent (the main environment). The device count and SPMD are fixed per
+process, so every configuration runs in its own subprocess: this file doubles as the driver
+(``python tests/test_xla.py train|guard OUT.json ...``), which trains through ``mambaout.trainer.train`` and
+records, at each hook of the runtime, the number of XLA compilations and device-to-host transfers.
+All subprocesses start, two at a time, when the first test asks for one. XLA's CPU backend compiles with
+LLVM optimisation level 0 here (``XLA_FLAGS``): a quarter of the compile time, the same HLO.
+
+The runs: femto on 32 px images, global batch 16 cut into micro-batches of 4, 6 optimizer steps over two
+epochs (three steps each) with an evaluation after each epoch. Mixup is on (its keyed draws are replayed
+on the device); CutMix and drop path are off: a CutMix box is a slice whose size changes every step (a new
+graph each time), and drop path draws from the device's generator, which differs between eager CPU and XLA
+(and, under SPMD, one forward covers several micro-batches, so its masks could not follow the 1-device run).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+SETTINGS = {
+    "model.name": "mambaout_femto", "model.drop_path_rate": 0.0,
+    "data.img_size": 32, "data.num_workers": 0,
+    "optim.global_batch_size": 16, "train.micro_batch_size": 4, "train.max_steps": STEPS,
+    "optim.lr": 1e-4, "sched.epochs": 2, "sched.warmup_epochs": 0, "sched.cooldown_epochs": 0,
+    "train.log_interval": 1, "train.channels_last": False, "eval.batch_size": 8,
+    "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 0.0,
+}
+VAL_IMAGES = 21  # conftest's image_root: 4 x 5 + 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# The driver (runs in the subprocesses)
+# --------------------------------------------------------------------------------------------------------
+def drive_training(out: Path, overrides: list[str]) -> None:
+    """Trains as ``overrides`` say and writes what the tests check to ``out`` (JSON)."""
+    import logging
+
+    import torch
+
+    import mambaout.trainer as trainer
+    from mambaout.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    events: list[dict] = []
+    record: dict = {"events": events}
+
+    def stats(runtime) -> dict:
+        return runtime.compile_stats() if hasattr(runtime, "compile_stats") else {}
+
+    def instrument(runtime):
+        """Wraps the hooks the loop calls, recording the counters at the boundaries of each step."""
+        record["runtime"] = runtime.describe()
+
+        def wrap(name, after=False):
+            original = getattr(runtime, name)
+
+            def hooked(*args, **kwargs):
+                events.append({"at": f"{name}:in", **stats(runtime)})
+                result = original(*args, **kwargs)
+                if after:
+                    events.append({"at": f"{name}:out", **stats(runtime)})
+                return result
+
+            setattr(runtime, name, hooked)
+
+        wrap("batch_to_device")
+        wrap("unscale_and_clip")
+        wrap("mark_step", after=True)
+        prepare_model = runtime.prepare_model
+
+        def prepare(model, channels_last):
+            initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            torch.save(initial, out.with_suffix(".init.pth"))
+            return prepare_model(model, channels_last)
+
+        runtime.prepare_model = prepare
+        return runtime
+
+    create_runtime, train_one_epoch, evaluate = trainer.create_runtime, trainer.train_one_epoch, trainer.evaluate
+    trainer.create_runtime = lambda *a, **k: instrument(create_runtime(*a, **k))
+
+    def epoch(*args, **kwargs):
+        result = train_one_epoch(*args, **kwargs)
+        events.append({"at": "epoch_end", **stats(args[6])})
+        return result
+
+    def evaluation(model, loader, runtime, **kwargs):
+        result = evaluate(model, loader, runtime, **kwargs)
+        events.append({"at": "eval_end", "count": result.count, **stats(runtime)})
+        return result
+
+    trainer.train_one_epoch, trainer.evaluate = epoch, evaluation
+    start = time.perf_counter()
+    outcome = trainer.train(load_config(None, overrides))
+    record["result"] = dataclasses.asdict(outcome) if dataclasses.is_dataclass(outcome) else outcome
+    record["seconds"] = time.perf_counter() - start
+    out.write_text(json.dumps(record, indent=1, default=str))
+
+
+def drive_guard(out: Path) -> None:
+    """A non-finite step on XLA, taken the way the loop takes it: the weights and the optimizer state stay as
+    they were, the error comes after the step's graph has run, and the next finite step trains on."""
+    import torch
+
+    from mambaout.engine import NonFiniteLossError
+    from mambaout.runtime import create_runtime
+
+    runtime = create_runtime("xla")
+    torch.manual_seed(0)
+    model = runtime.prepare_model(torch.nn.Linear(4, 2), channels_last=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    params = list(model.parameters())
+
+    def step(scale: float) -> None:
+        transfers = runtime.compile_stats()["transfers_to_host"]
+        loss = model(torch.ones(8, 4, device=runtime.device)).square().mean() * scale
+        loss.backward()
+        runtime.mark_step()
+        grad_norm = runtime.unscale_and_clip(optimizer, params, None)
+        finite, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False)
+        assert finite  # XLA decides on the device
+        runtime.optimizer_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        record["transfers_in_step"].append(runtime.compile_stats()["transfers_to_host"] - transfers)
+        runtime.mark_step()  # runs the step's graph, then its closures
+
+    def snapshot() -> dict:
+        state = runtime.to_cpu_state({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        return {"weights": [v.tolist() for v in state["model"].values()],
+                "state": [{k: v.tolist() for k, v in s.items()} for s in state["optimizer"]["state"].values()]}
+
+    record: dict = {"transfers_in_step": []}
+    step(1.0)
+    record["before"] = snapshot()
+    try:
+        step(float("nan"))
+        record["raised"] = None
+    except NonFiniteLossError as error:
+        record["raised"] = str(error)
+    record["after"] = snapshot()
+    step(1.0)
+    record["next"] = snapshot()
+    out.write_text(json.dumps(record))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The tests (run in the pytest process)
+# --------------------------------------------------------------------------------------------------------
+pytestmark = pytest.mark.xla
+if __name__ != "__main__":  # the driver's eager run must not even import torch_xla
+    pytest.importorskip("torch_xla")
+
+
+def xla_env(devices: int, spmd: bool = True) -> dict[str, str]:
+    return {"PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices), "MAMBAOUT_XLA_SPMD": "1" if spmd else "0"}
+
+
+EAGER_ENV = {"PJRT_DEVICE": ""}
+
+
+class Runs:
+    """The configurations' subprocesses, started two at a time (the machines have 2 cores) when the module's
+    first test needs them; ``get(name)`` waits for one and returns its record."""
+
+    def __init__(self, root: Path, work: Path) -> None:
+        self.root, self.work = root, work
+        self.pool = ThreadPoolExecutor(max_workers=int(os.environ.get("MAMBAOUT_XLA_TEST_JOBS", 2)))
+        self.futures: dict[str, Future] = {}
+
+    def start(self, name: str, job: Callable[[], dict]) -> None:
+        self.futures[name] = self.pool.submit(job)
+
+    def get(self, name: str) -> dict:
+        return self.futures[name].result()
+
+    def train(self, name: str, env: dict[str, str], output: str | None = None, **extra) -> dict:
+        """One train.py run through the driver; ``output`` names the run folder (another run's, to resume)."""
+        out = self.work / name
+        out.mkdir(parents=True)
+        run_dir = self.work / (output or name) / "run"
+        settings = {**SETTINGS, "data.root": str(self.root), "train.output_dir": str(run_dir), **extra}
+        overrides = [f"{key}={value}" for key, value in settings.items()]
+        record = self.python(name, [__file__, "train", str(out / "record.json"), *overrides], env)
+        record.update(json.loads((out / "record.json").read_text()))
+        record.update(dir=run_dir, init=out / "record.init.pth")
+        return record
+
+    def python(self, name: str, args: list[str], env: dict[str, str]) -> dict:
+        environment = {k: v for k, v in os.environ.items()
+                       if k not in ("PJRT_DEVICE", "CPU_NUM_DEVICES", "XLA_USE_SPMD", "MAMBAOUT_XLA_SPMD")}
+        environment.update(env)
+        environment["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, *args], cwd=ROOT, env=environment, capture_output=True, text=True,
+                              timeout=900)
+        seconds = time.perf_counter() - start
+        log = done.stdout + done.stderr
+        (self.work / f"{name}.log").write_text(log)
+        assert done.returncode == 0, f"{name} failed with status {done.returncode}:\n{log[-6000:]}"
+        return {"wall_s": seconds, "log": log}
+
+    def validate(self, name: str, env: dict[str, str], of: str, *flags: str) -> dict:
+        """validate.py on the last checkpoint of run ``of``, with its training config."""
+        run = self.get(of)["dir"]
+        results = self.work / f"{name}.json"
+        self.python(name, ["validate.py", "--config", str(run / "config.yaml"), "--checkpoint",
+                           str(run / "last.pth"), f"data.root={self.root}", "--results", str(results), *flags], env)
+        return json.loads(results.read_text())
+
+
+@pytest.fixture(scope="module")
+def runs(image_root, tmp_path_factory):
+    runs = Runs(image_root, tmp_path_factory.mktemp("xla"))
+    # Submission order is start order: the longest first, and a run before the one that needs it.
+    runs.start("xla1", lambda: runs.train("xla1", xla_env(1, spmd=False)))
+    runs.start("eager", lambda: runs.train("eager", EAGER_ENV, **{"runtime.device": "cpu"}))
+    runs.start("spmd4", lambda: runs.train("spmd4", xla_env(4), **{"runtime.device": "xla"}))
+    # data workers: batches arrive through MpDeviceLoader (threads) rather than in the loop's thread
+    runs.start("spmd2", lambda: runs.train("spmd2", xla_env(2), **{"data.num_workers": 1}))
+    runs.start("interrupted", lambda: stopped_at(runs.train("interrupted", xla_env(1, spmd=False),
+                                                            **{"train.max_steps": 4, "data.num_workers": 1})))
+    runs.start("resumed", lambda: (runs.get("interrupted"), runs.train("resumed", xla_env(1, spmd=False),
+                                                                        output="interrupted"))[1])
+    runs.start("validate4", lambda: runs.validate("validate4", xla_env(4), "eager", "--device", "xla",
+                                                  "--workers", "1"))
+    runs.start("validate_bf16", lambda: runs.validate("validate_bf16", xla_env(1, spmd=False), "eager",
+                                                      "--device", "xla", "--precision", "bf16"))
+    runs.start("guard", lambda: (runs.python("guard", [__file__, "guard", str(runs.work / "guard.json")],
+                                             xla_env(1)), json.loads((runs.work / "guard.json").read_text()))[1])
+    yield runs
+    runs.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stopped_at(record: dict) -> dict:
+    """Notes the step of the interrupted run's checkpoint before the resumed run continues it in place."""
+    record["saved_step"] = checkpoint(record)["train_state"]["step"]
+    return record
+
+
+def steps(record: dict) -> list[dict]:
+    with open(record["dir"] / "steps.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def checkpoint(record: dict) -> dict:
+    import torch
+
+    return torch.load(record["dir"] / "last.pth", map_location="cpu", weights_only=False)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def compare(record: dict, reference: dict) -> dict:
+    """Largest relative loss difference over the steps and largest weight difference at the end."""
+    ours, theirs = steps(record), steps(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs] == list(range(1, STEPS + 1))
+    assert all(a["lr"] == pytest.approx(b["lr"], rel=1e-9) for a, b in zip(ours, theirs))
+    return {"loss_rel": max(abs(a["loss"] - b["loss"]) / abs(b["loss"]) for a, b in zip(ours, theirs)),
+            "weights_abs": max_difference(checkpoint(record)["model"], checkpoint(reference)["model"])}
+
+
+def test_xla_matches_eager_cpu(runs):
+    """One XLA CPU device (no SPMD) follows eager CPU: losses within 1e-4 relative, weights within 1e-4,
+    while the weights moved by far more than that."""
+    import torch
+
+    xla, eager = runs.get("xla1"), runs.get("eager")
+    assert xla["runtime"]["device"] == "xla" and xla["runtime"]["spmd"] is False
+    errors = compare(xla, eager)
+    moved = max_difference(checkpoint(eager)["model"], torch.load(eager["init"], weights_only=False))
+    print(f"\nxla1 vs eager: {errors}, largest weight update {moved:.3g}")
+    assert errors["loss_rel"] < 1e-4 and errors["weights_abs"] < 1e-4, errors
+    assert moved > 10 * errors["weights_abs"], (moved, errors)
+
+
+@pytest.mark.parametrize("devices", [2, 4])
+def test_spmd_device_count_does_not_change_the_run(runs, devices):
+    """2 and 4 XLA CPU devices under SPMD (accumulation 2 and 1) follow the 1-device run (accumulation 4)."""
+    record = runs.get(f"spmd{devices}")
+    runtime = record["runtime"]
+    assert runtime["spmd"] and runtime["num_shards"] == devices and runtime["mesh"] == {"data": devices, "model": 1}
+    assert f"accum_steps: {4 // devices}" in (record["dir"] / "config.yaml").read_text()
+    errors = compare(record, runs.get("xla1"))
+    print(f"\nspmd{devices} vs xla1: {errors}")
+    assert errors["loss_rel"] < 1e-4 and errors["weights_abs"] < 1e-4, errors
+
+
+@pytest.mark.parametrize("name", ["xla1", "spmd2", "spmd4"])
+def test_compilations_stop_growing_and_nothing_is_read_inside_a_step(runs, name):
+    """Every graph is compiled within the first two optimizer steps and the first evaluation: the third step,
+    the second epoch and the second evaluation compile nothing. Between taking a batch and cutting the
+    graph, and between the gradient norm and the cut after the optimizer step, nothing is read back to the
+    host. Each evaluation counts every image exactly once (the padded rows of the last batch masked out)."""
+    events = runs.get(name)["events"]
+    assert [e["count"] for e in events if e["at"] == "eval_end"] == [VAL_IMAGES, VAL_IMAGES]
+
+    for i, event in enumerate(events):
+        if event["at"] in ("batch_to_device:in", "unscale_and_clip:in"):
+            cut = next(e for e in events[i + 1:] if e["at"] == "mark_step:in")
+            assert cut["transfers_to_host"] == event["transfers_to_host"], (name, i, event, cut)
+
+    step_ends = [e for i, e in enumerate(events)
+                 if e["at"] == "mark_step:out" and events[i - 2]["at"] == "unscale_and_clip:in"]
+    assert len(step_ends) == STEPS
+    compiles = [e["compilations"] for e in step_ends]
+    first_eval = next(e for e in events if e["at"] == "eval_end")
+    print(f"\n{name}: compilations after each step {compiles}, after the first evaluation "
+          f"{first_eval['compilations']}, at the end {events[-1]['compilations']}")
+    assert compiles[1] == compiles[2], compiles
+    assert events[-1]["compilations"] == first_eval["compilations"], (compiles, first_eval, events[-1])
+
+
+def test_validate_on_xla_counts_every_image_once(runs):
+    """validate.py on 4 SPMD devices (one batch of 32 rows, 11 of them padding) reports what the eager run's
+    last evaluation reported for the same weights; bf16 autocast counts the same images."""
+    with open(runs.get("eager")["dir"] / "metrics.csv") as f:
+        eager = list(csv.DictReader(f))[-1]
+    fp32, bf16 = runs.get("validate4"), runs.get("validate_bf16")
+    print(f"\nvalidate on 4 XLA devices: {fp32['top1']} {fp32['loss']}, bf16: {bf16['top1']} {bf16['loss']}; "
+          f"eager: {eager['top1']} {eager['eval_loss']}")
+    assert fp32["count"] == bf16["count"] == VAL_IMAGES
+    assert fp32["device"] == "xla" and fp32["devices"] == 4
+    assert fp32["top1"] == pytest.approx(float(eager["top1"])) and fp32["top5"] == pytest.approx(float(eager["top5"]))
+    assert fp32["loss"] == pytest.approx(float(eager["eval_loss"]), rel=1e-4)
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+
+
+def test_resume_on_xla_continues_the_run(runs):
+    """A run stopped after 4 of 6 steps (mid-epoch) and continued by the same command ends with the weights
+    and the losses of the uninterrupted run."""
+    interrupted, resumed, uninterrupted = runs.get("interrupted"), runs.get("resumed"), runs.get("xla1")
+    assert interrupted["saved_step"] == 4
+    assert checkpoint(resumed)["train_state"]["step"] == STEPS
+    difference = max_difference(checkpoint(resumed)["model"], checkpoint(uninterrupted)["model"])
+    print(f"\nresumed vs uninterrupted: weights {difference}")
+    assert difference <= 1e-6
+    assert [r["loss"] for r in steps(resumed)] == pytest.approx([r["loss"] for r in steps(uninterrupted)], rel=1e-6)
+
+
+def test_nonfinite_step_is_skipped_on_the_device(runs):
+    guard = runs.get("guard")
+    assert guard["raised"] and "non-finite" in guard["raised"]
+    assert guard["after"] == guard["before"]  # weights, moments and step counters as they were
+    assert guard["next"]["weights"] != guard["after"]["weights"]
+    assert guard["transfers_in_step"] == [0, 0, 0]
+
+
+if __name__ == "__main__":
+    mode, target = sys.argv[1], Path(sys.argv[2])
+    drive_training(target, sys.argv[3:]) if mode == "train" else drive_guard(target)
