@@ -9,7 +9,9 @@ from its newest checkpoint. Exit status: 0 done, 2 bad input, 3 non-finite loss,
 """
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from mambaout.cli import run_cli
 from mambaout.config import parse_cli
@@ -29,7 +31,13 @@ def main(argv=None) -> int:
     except NonFiniteLossError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return NONFINITE_EXIT_CODE
-    return PREEMPTED_EXIT_CODE if outcome.preempted else 0
+    if not outcome.preempted:
+        return 0
+    # torchrun reports any worker failure as status 1, so the relaunch wrapper also looks for this file.
+    marker = os.environ.get("MAMBAOUT_PREEMPTED_MARKER")
+    if marker:
+        Path(marker).touch()
+    return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

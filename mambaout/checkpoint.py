@@ -408,11 +408,14 @@ def save_training_checkpoint(state: dict, path: PathLike) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except OSError as error:
+    except BaseException as error:  # full disk (OSError, or torch's RuntimeError), Ctrl-C: no debris left
         tmp.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, RuntimeError)):
+            raise
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise CheckpointError(
-            f'could not write checkpoint {path}: {error.strerror or error}. The previous checkpoint is '
-            'intact. Free disk space (or point train.output_dir at a larger disk) and resume.') from error
+            f'could not write checkpoint {path}: {reason}. The previous checkpoint is intact. Free disk space '
+            '(or point train.output_dir at a larger disk) and resume.') from error
 
 
 def load_training_checkpoint(path: PathLike) -> dict:
@@ -455,6 +458,13 @@ class CheckpointFolder:
         for old in self._step_files()[:-self.keep]:
             old.unlink(missing_ok=True)
         return target
+
+    def set_aside_after(self, step: int) -> None:
+        """Renames step files newer than ``step`` (``.abandoned``): resuming from an older checkpoint must not
+        later pick up the future it replaces."""
+        for newer in self._step_files():
+            if int(newer.stem.split('_')[1]) > step:
+                newer.rename(newer.with_name(newer.name + '.abandoned'))
 
     def latest(self) -> Path | None:
         last = self.path / 'last.pth'

@@ -401,6 +401,10 @@ def derive(cfg: Config, num_shards: int) -> Derived:
         raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
     if global_batch % (micro * num_shards):
         raise ConfigError(_batch_split_error(global_batch, micro, num_shards))
+    mixing = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and cfg.aug.mixup_prob > 0
+    if mixing and micro % 2:
+        raise ConfigError(f"train.micro_batch_size={micro} must be even with Mixup/CutMix on: each sample is "
+                          "mixed with its mirror in the micro-batch (or set aug.mixup_alpha=0 aug.cutmix_alpha=0)")
     return Derived(
         lr=cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 1024,
         micro_batch_size=micro,

@@ -55,7 +55,8 @@ class TrainState:
 
 @dataclass
 class StepLog:
-    """One row of steps.csv: the mean over the optimizer steps since the previous row."""
+    """One row of steps.csv: the loss averaged over the optimizer steps since the previous row; lr and
+    gradient norm of the row's own step."""
 
     step: int
     epoch: int
@@ -128,13 +129,14 @@ def train_one_epoch(
     accum_steps = sampler.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
     micro_losses: list[torch.Tensor] = []
+    step_bad_images = 0
     clock = _IntervalClock(sampler.global_batch_size)
 
     for micro_step, batch in enumerate(runtime.wrap_loader(loader)):
         accum_index = micro_step % accum_steps
         if accum_index == 0:
             schedule.set_step(state.step)
-        runtime.after_step(_adder(state, "bad_images"), batch["bad"].sum())
+        step_bad_images += int(batch["bad"].sum())  # a host tensor: no device sync
         images, targets = runtime.batch_to_device(batch)
         micro_ids = sampler.micro_indices(accum_index)
         images, targets = mix_micro_batches(
@@ -153,26 +155,23 @@ def train_one_epoch(
 
         step_loss = torch.stack(micro_losses).mean()
         grad_norm = runtime.unscale_and_clip(optimizer, params, clip_grad)
-        finite, stop = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested())
+        on_nonfinite = _nonfinite_handler(state, skip_nonfinite, torch.stack(micro_losses), grad_norm)
+        finite, stop = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested(),
+                                     on_nonfinite)
         if finite:
             runtime.optimizer_step(optimizer)
             if ema is not None:
                 ema.update(runtime.unwrap(model), step=state.step + 1)  # counted from 1, like timm
-        elif skip_nonfinite:
-            runtime.skip_step(optimizer)
-            state.nonfinite_skips += 1
         else:
-            raise NonFiniteLossError(
-                f"non-finite training values at optimizer step {state.step + 1}: micro-batch losses "
-                f"{[round(v, 6) for v in torch.stack(micro_losses).tolist()]}, gradient norm "
-                f"{float(grad_norm):.6g}; the weights were not updated with them. Lower optim.lr or set "
-                "optim.clip_grad, or set train.skip_nonfinite=true to skip such steps")
+            runtime.skip_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        mean_loss = runtime.sum_across(step_loss) / runtime.world_size
+        mean_loss = runtime.mean_across(step_loss)
+        bad_images = runtime.sum_across(torch.tensor(step_bad_images, device=runtime.device))
         runtime.after_step(_step_recorder(state, state.step, optimizer.param_groups[0]["lr"], log_interval,
-                                          max_steps, clock, hooks.on_log), mean_loss, grad_norm)
+                                          max_steps, clock, hooks.on_log), mean_loss, grad_norm, bad_images)
         micro_losses.clear()
+        step_bad_images = 0
         runtime.mark_step()
         hooks.on_step_end()
         if state.step == max_steps or stop:
@@ -180,8 +179,22 @@ def train_one_epoch(
     return False
 
 
-def _adder(state: TrainState, field_name: str) -> Callable[[float], None]:
-    return lambda value: setattr(state, field_name, getattr(state, field_name) + int(value))
+def _nonfinite_handler(state: TrainState, skip: bool, micro_losses: torch.Tensor, grad_norm: torch.Tensor
+                       ) -> Callable[[], None]:
+    """What a non-finite optimizer step does (the weights are never updated with it): count a skip, or stop
+    the run naming the step, the micro-batch losses and the gradient norm."""
+    step = state.step + 1
+
+    def on_nonfinite() -> None:
+        if skip:
+            state.nonfinite_skips += 1
+            return
+        raise NonFiniteLossError(
+            f"non-finite training values at optimizer step {step}: micro-batch losses "
+            f"{[round(v, 6) for v in micro_losses.tolist()]}, gradient norm {float(grad_norm):.6g}; the weights "
+            "were not updated with them. Lower optim.lr or set optim.clip_grad, or set train.skip_nonfinite=true "
+            "to skip such steps")
+    return on_nonfinite
 
 
 class _IntervalClock:
@@ -200,8 +213,10 @@ class _IntervalClock:
 
 def _step_recorder(state: TrainState, step: int, lr: float, log_interval: int, max_steps: int | None,
                    clock: _IntervalClock, on_log: Callable[[StepLog], None]) -> Callable[[float, float], None]:
-    """The host side of one optimizer step: record its loss, and write a log row at the interval."""
-    def record(loss: float, grad_norm: float) -> None:
+    """The host side of one optimizer step: record its loss and unreadable images (over all processes), and
+    write a log row at the interval."""
+    def record(loss: float, grad_norm: float, bad_images: float) -> None:
+        state.bad_images += int(bad_images)
         state.interval_losses.append(loss)
         state.epoch_loss_sum += loss
         state.epoch_loss_steps += 1

@@ -7,11 +7,6 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 
-def scaled_lr(base_lr: float, global_batch_size: int) -> float:
-    """The linear scaling rule of the recipe: lr = base_lr x global batch / 1024."""
-    return base_lr * global_batch_size / 1024
-
-
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float,
                      betas: tuple[float, float]) -> AdamW:
     """AdamW without weight decay on biases and normalisation weights (every 1-d parameter)."""

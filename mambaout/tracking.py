@@ -71,6 +71,7 @@ class RunFolder:
         self.path = Path(path)
         self.enabled = enabled
         self._writer = None
+        self._purge_step: int | None = None
         if not enabled:
             return
         if not resume and self.path.exists() and any(self.path.iterdir()):
@@ -100,7 +101,9 @@ class RunFolder:
         self._scalars(row["step"], {f"train/{k}": v for k, v in row.items() if k not in ("epoch", "step")})
 
     def truncate_logs_after(self, step: int) -> None:
-        """On resume, drops rows logged after the checkpoint's step (they will be logged again)."""
+        """On resume, drops rows logged after the checkpoint's step (they will be logged again), in the CSV
+        files and in TensorBoard (whose writer purges those events when it opens)."""
+        self._purge_step = step + 1
         for name in ("steps.csv", "metrics.csv"):
             path = self.path / name
             if not self.enabled or not path.exists():
@@ -130,7 +133,7 @@ class RunFolder:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.path / "tensorboard"))
+            self._writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge_step)
         for tag, value in values.items():
             if isinstance(value, (int, float)) and value is not None:
                 self._writer.add_scalar(tag, value, step)

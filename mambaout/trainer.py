@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from pathlib import Path
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint
 from .checkpoint import CheckpointFolder
-from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, to_yaml
+from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, load_config, to_yaml
 from .data import (EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, build_train_transform,
                    dataset_fingerprint)
 from .data.sampling import derive_seed
@@ -34,10 +35,11 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; scripts/train_until_done.s
 NONFINITE_EXIT_CODE = 3
 
 # Keys that may change between a run and its resumption without changing what is computed.
+# (train.compile and runtime.device are not: they change float rounding, so the run would not be bit-identical.)
 HARMLESS_ON_RESUME = frozenset({
     "data.root", "data.num_workers", "train.max_steps", "train.output_dir", "train.log_interval",
-    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.compile", "train.skip_nonfinite",
-    "eval.every_epochs", "eval.batch_size", "runtime.device", "runtime.dist_timeout_s",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.skip_nonfinite", "eval.every_epochs",
+    "eval.batch_size", "runtime.dist_timeout_s",
 })
 
 
@@ -66,15 +68,23 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         fingerprint = dataset_fingerprint(train_set)
         if saved is not None:
             _check_resumable(cfg, saved, fingerprint)
+        try:  # before the run folder exists: a mistake here leaves nothing behind
+            sampler = MicroBatchSampler(len(train_set), cfg.optim.global_batch_size, cfg.train.micro_batch_size,
+                                        runtime.num_shards, runtime.shard_ids, cfg.train.seed)
+        except ValueError as error:
+            raise ConfigError(f"data.root={cfg.data.root}: {error}") from None
+        num_classes = _num_classes(cfg, train_set)
+        torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # the same initial weights on every rank
+        try:
+            model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint if saved is None else None,
+                                 num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
+                                 head_dropout=cfg.model.head_dropout,
+                                 grad_checkpointing=cfg.model.grad_checkpointing)
+        except ValueError as error:  # an unknown name, with the closest ones
+            raise ConfigError(f"model.name: {error}") from None
         reuse_folder = saved is not None or (resume == "auto" and _same_config_without_checkpoint(folder, cfg))
         run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
         _announce(runtime, derived, cfg, saved)
-
-        num_classes = cfg.model.num_classes or len(train_set.classes)
-        torch.manual_seed(derive_seed(cfg.train.seed, "init"))  # the same initial weights on every rank
-        model = create_model(cfg.model.name, checkpoint=cfg.model.checkpoint if saved is None else None,
-                             num_classes=num_classes, drop_path_rate=cfg.model.drop_path_rate,
-                             head_dropout=cfg.model.head_dropout, grad_checkpointing=cfg.model.grad_checkpointing)
         if saved is not None:
             model.load_state_dict(saved["model"])
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
@@ -90,8 +100,6 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         if saved is not None:
             _restore(saved, optimizer, ema, runtime, state)
 
-        sampler = MicroBatchSampler(len(train_set), cfg.optim.global_batch_size, cfg.train.micro_batch_size,
-                                    runtime.num_shards, runtime.shard_ids, cfg.train.seed)
         schedule = LrSchedule(optimizer, epochs=cfg.sched.epochs, warmup_epochs=cfg.sched.warmup_epochs,
                               warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr,
                               steps_per_epoch=sampler.steps_per_epoch, per_step=cfg.sched.per_step)
@@ -117,10 +125,15 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             progress.update(entry.step - progress.done,
                             f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s")
 
+        def evaluated_after(step: int) -> bool:
+            """Whether the epoch that ends at ``step`` (if one does) is evaluated, and checkpointed then."""
+            epoch_ends = step % sampler.steps_per_epoch == 0 or step >= total_steps
+            due = step >= total_steps or (step // sampler.steps_per_epoch) % cfg.eval.every_epochs == 0
+            return epoch_ends and due
+
         def on_step_end() -> None:
             every = cfg.train.checkpoint_every_steps
-            at_epoch_end = state.step % sampler.steps_per_epoch == 0  # saved after the evaluation instead
-            if every and state.step % every == 0 and not at_epoch_end and state.step < total_steps:
+            if every and state.step % every == 0 and not evaluated_after(state.step):
                 save()
 
         final_eval: dict[str, Any] = {}
@@ -139,34 +152,43 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                 except NonFiniteLossError as error:
                     raise NonFiniteLossError(f"{error}. Last good checkpoint: {folder.latest() or 'none yet'}") \
                         from None
-                if preempted:
+                if evaluated_after(state.step):  # also when preempted on an epoch's last step
+                    final_eval = _evaluate_epoch(model, ema, val_loader, runtime)
+                    _log_epoch(run, state, optimizer, final_eval, cfg, time.perf_counter() - epoch_start,
+                               state.step - first_step)
+                    score = final_eval["ema_top1" if cfg.eval.use_ema and ema is not None else "top1"]
+                    is_best = score > state.best_top1
+                    if is_best:
+                        state.best_top1, state.best_epoch = score, state.epoch
+                    save(is_best)
+                elif preempted:
                     save()
+                if preempted:
                     log.info("preempted: checkpoint of step %d saved; rerun the same command to continue",
                              state.step)
                     run.close()
                     return TrainOutcome(final_eval, state.best_top1, state.step, preempted=True)
-                epoch_done = state.step % sampler.steps_per_epoch == 0 or state.step >= total_steps
-                if not (epoch_done and ((state.epoch + 1) % cfg.eval.every_epochs == 0
-                                        or state.step >= total_steps)):
-                    continue
-                final_eval = _evaluate_epoch(model, ema, val_loader, runtime)
-                is_best = final_eval["top1"] > state.best_top1
-                if is_best:
-                    state.best_top1, state.best_epoch = final_eval["top1"], state.epoch
-                epoch_seconds = time.perf_counter() - epoch_start
-                run.log_epoch({
-                    "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
-                    "train_loss": state.epoch_loss, "eval_loss": final_eval["loss"], "top1": final_eval["top1"],
-                    "top5": final_eval["top5"], "ema_top1": final_eval.get("ema_top1"),
-                    "img_per_s": (state.step - first_step) * cfg.optim.global_batch_size / epoch_seconds,
-                    "epoch_seconds": epoch_seconds, "bad_images": state.bad_images,
-                    "nonfinite_skips": state.nonfinite_skips})
-                log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f",
-                         state.epoch, state.step, state.epoch_loss, final_eval["top1"], final_eval["top5"],
-                         final_eval["loss"])
-                save(is_best)
         run.close()
         return TrainOutcome(final_eval, state.best_top1, state.step)
+
+
+def _log_epoch(run: RunFolder, state: TrainState, optimizer, result: dict[str, Any], cfg: Config,
+               seconds: float, steps: int) -> None:
+    run.log_epoch({
+        "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
+        "train_loss": state.epoch_loss, "eval_loss": result["loss"], "top1": result["top1"], "top5": result["top5"],
+        "ema_top1": result.get("ema_top1"), "img_per_s": steps * cfg.optim.global_batch_size / seconds,
+        "epoch_seconds": seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips})
+    log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f", state.epoch, state.step,
+             state.epoch_loss, result["top1"], result["top5"], result["loss"])
+
+
+def _num_classes(cfg: Config, train_set) -> int:
+    found = len(train_set.classes)
+    if cfg.model.num_classes is not None and cfg.model.num_classes < found:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} is fewer than the {found} classes of "
+                          f"data.root={cfg.data.root}; leave it null to use the dataset's count")
+    return cfg.model.num_classes or found
 
 
 # --- resuming ----------------------------------------------------------------------------------------------------
@@ -176,7 +198,14 @@ def _checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, An
         return None
     if resume == "auto":
         return folder.load_latest()
-    return checkpoint.load_training_checkpoint(resume)
+    saved = checkpoint.load_training_checkpoint(resume)
+    own_folder = Path(resume).resolve().parent
+    own_folder = own_folder.parent if own_folder.name == "checkpoints" else own_folder
+    if folder.path.exists() and any(folder.path.iterdir()) and folder.path.resolve() != own_folder:
+        raise ResumeError(f"--resume {resume}: train.output_dir={folder.path} already holds another run; continue "
+                          f"in the checkpoint's own run folder ({own_folder}) or an empty train.output_dir")
+    folder.set_aside_after(saved["train_state"]["step"])  # an older checkpoint: its future is discarded
+    return saved
 
 
 def _check_resumable(cfg: Config, saved: dict[str, Any], fingerprint: dict[str, Any]) -> None:
@@ -203,8 +232,6 @@ def _same_config_without_checkpoint(folder: CheckpointFolder, cfg: Config) -> bo
     if not saved_yaml.exists():
         return False
     try:
-        from .config import load_config
-
         return not [k for k, _, _ in diff_configs(load_config(saved_yaml), cfg) if k not in HARMLESS_ON_RESUME]
     except ConfigError:
         return False
@@ -258,6 +285,9 @@ def _build_datasets(cfg: Config):
         crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip,
         interpolation=aug.interpolation, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
     data = cfg.data
+    if data.format == "folder" and data.root is None:
+        raise ConfigError("data.root is not set: pass data.root=DIR (a folder holding train/ and val/), or "
+                          "data.format=synthetic for a benchmark")
     synthetic = {"format": data.format, "num_classes": data.synthetic_num_classes, "img_size": data.img_size,
                  "seed": cfg.train.seed}
     train_set = build_dataset(data.root, data.train_split, train_tf, train=True,

@@ -260,3 +260,11 @@ def test_config_reference_document_is_in_step_with_the_schema():
 
     document = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
     assert document.endswith(describe_schema() + "\n"), "regenerate docs/CONFIG.md: python train.py --help-config"
+
+
+def test_odd_micro_batch_with_mixing_is_refused_at_start():
+    cfg = load_config(None, ["optim.global_batch_size=12", "train.micro_batch_size=3"])
+    with pytest.raises(ConfigError, match="micro_batch_size=3 must be even with Mixup/CutMix"):
+        derive(cfg, 1)
+    derive(load_config(None, ["optim.global_batch_size=12", "train.micro_batch_size=3", "aug.mixup_alpha=0",
+                              "aug.cutmix_alpha=0"]), 1)

@@ -407,3 +407,18 @@ def test_make_digits_dataset_writes_a_stratified_image_folder(tmp_path: Path) ->
     assert Image.open(val.samples[0][0]).size == (16, 16)
     again = subprocess.run(command, capture_output=True, text=True)
     assert again.returncode != 0 and "is not empty" in again.stderr
+
+
+def test_fixed_shape_mixup_equals_timm_mixup():
+    """The CutMix box goes through a mask (one compiled graph on XLA) yet every pixel and target equals
+    timm's slicing implementation, for Mixup and CutMix draws alike."""
+    from timm.data import Mixup
+
+    ours = build_mixup(0.8, 1.0, 1.0, 0.5, "batch", 0.1, 10)
+    reference = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode="batch",
+                      label_smoothing=0.1, num_classes=10)
+    for seed in range(100):
+        images, targets = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+        mixed, soft = mixup_micro_batch(ours, images.clone(), targets, seed)
+        expected_mixed, expected_soft = mixup_micro_batch(reference, images.clone(), targets, seed)
+        assert torch.equal(mixed, expected_mixed) and torch.equal(soft, expected_soft), seed

@@ -206,3 +206,34 @@ def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(image_root, 
     assert outcome.step == 8
     with pytest.raises(RunFolderError, match="never overwritten"):
         train(load_config(None, tiny_overrides(image_root, out, **RUN)), resume="never")
+
+
+def test_preemption_on_an_epochs_last_step_still_evaluates_that_epoch(image_root, uninterrupted, tmp_path,
+                                                                       monkeypatch):
+    import contextlib
+
+    import mambaout.trainer as trainer
+
+    polls = []  # polled once per optimizer step: ask to stop at step 6, the end of epoch 0
+
+    @contextlib.contextmanager
+    def stop_at_step_6():
+        yield lambda: polls.append(1) or len(polls) == 6
+
+    monkeypatch.setattr(trainer, "_preemption_signals", stop_at_step_6)
+    out = tmp_path / "edge"
+    overrides = tiny_overrides(image_root, out, **{**RUN, "data.num_workers": 0})
+    assert train(load_config(None, overrides)).preempted
+    assert (out / "metrics.csv").read_text().count("\n") == 2  # header + the epoch-0 row
+    monkeypatch.undo()
+    assert train(load_config(None, overrides)).step == 8
+    assert _without_timing(out / "metrics.csv") == _without_timing(uninterrupted / "metrics.csv")
+
+
+def test_resume_from_a_path_refuses_to_write_into_another_run(image_root, uninterrupted, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("someone else's run")
+    with pytest.raises(ResumeError, match="already holds another run"):
+        train(load_config(None, tiny_overrides(image_root, other, **RUN)),
+              resume=str(uninterrupted / "checkpoints" / "step_00000008.pth"))

@@ -12,7 +12,7 @@ import yaml
 from conftest import tiny_overrides
 from mambaout.checkpoint import load_training_checkpoint
 from mambaout.config import load_config, to_yaml
-from mambaout.optim import LrSchedule, create_optimizer, scaled_lr
+from mambaout.optim import LrSchedule, create_optimizer
 from mambaout.tracking import RunFolderError
 from mambaout.trainer import train
 
@@ -25,11 +25,6 @@ def run(image_root, out, **extra):
 def max_weight_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
-
-
-def test_lr_scaling_rule():
-    assert scaled_lr(1e-3, 4096) == pytest.approx(4e-3)
-    assert scaled_lr(1e-3, 256) == pytest.approx(2.5e-4)
 
 
 def test_optimizer_skips_weight_decay_on_norms_and_biases():

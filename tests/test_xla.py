@@ -40,7 +40,7 @@ SETTINGS = {
     "optim.global_batch_size": 16, "train.micro_batch_size": 4, "train.max_steps": STEPS,
     "optim.lr": 1e-4, "sched.epochs": 2, "sched.warmup_epochs": 0, "sched.cooldown_epochs": 0,
     "train.log_interval": 1, "train.channels_last": False, "eval.batch_size": 8,
-    "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 0.0,
+    "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 1.0,  # the recipe: one graph for Mixup and CutMix alike
 }
 VAL_IMAGES = 21  # conftest's image_root: 4 x 5 + 1
 
@@ -128,13 +128,16 @@ def drive_guard(out: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
     params = list(model.parameters())
 
+    def stop_on_nonfinite() -> None:  # what the loop does without train.skip_nonfinite
+        raise NonFiniteLossError("non-finite loss or gradient norm; the weights were not updated with this step")
+
     def step(scale: float) -> None:
         transfers = runtime.compile_stats()["transfers_to_host"]
         loss = model(torch.ones(8, 4, device=runtime.device)).square().mean() * scale
         loss.backward()
         runtime.mark_step()
         grad_norm = runtime.unscale_and_clip(optimizer, params, None)
-        finite, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False)
+        finite, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, stop_on_nonfinite)
         assert finite  # XLA decides on the device
         runtime.optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -270,6 +273,11 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def mean_difference(a: dict, b: dict) -> float:
+    total = sum((a[k].double() - b[k].double()).abs().sum().item() for k in a)
+    return total / sum(a[k].numel() for k in a)
+
+
 def compare(record: dict, reference: dict) -> dict:
     """Largest relative loss difference over the steps and largest weight difference at the end."""
     ours, theirs = steps(record), steps(reference)
@@ -281,16 +289,18 @@ def compare(record: dict, reference: dict) -> dict:
 
 def test_xla_matches_eager_cpu(runs):
     """One XLA CPU device (no SPMD) follows eager CPU: losses within 1e-4 relative, weights within 1e-4,
-    while the weights moved by far more than that."""
+    while the weights moved by far more than they differ on average. (Adam moves every weight by about lr a
+    step, even one whose gradient is rounding noise: there the two backends differ by up to that much.)"""
     import torch
 
     xla, eager = runs.get("xla1"), runs.get("eager")
     assert xla["runtime"]["device"] == "xla" and xla["runtime"]["spmd"] is False
     errors = compare(xla, eager)
-    moved = max_difference(checkpoint(eager)["model"], torch.load(eager["init"], weights_only=False))
-    print(f"\nxla1 vs eager: {errors}, largest weight update {moved:.3g}")
+    initial, final = torch.load(eager["init"], weights_only=False), checkpoint(eager)["model"]
+    moved, differ = mean_difference(final, initial), mean_difference(checkpoint(xla)["model"], final)
+    print(f"\nxla1 vs eager: {errors}, mean weight update {moved:.3g}, mean difference {differ:.3g}")
     assert errors["loss_rel"] < 1e-4 and errors["weights_abs"] < 1e-4, errors
-    assert moved > 10 * errors["weights_abs"], (moved, errors)
+    assert moved > 100 * differ, (moved, differ)
 
 
 @pytest.mark.parametrize("devices", [2, 4])

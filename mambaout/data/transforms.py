@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
+from timm.data.mixup import cutmix_bbox_and_lam
 from torchvision import transforms as tv_transforms
 
 from .sampling import seeded_rngs
@@ -93,8 +94,32 @@ def build_mixup(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_pro
     (both alphas 0, or ``prob`` 0); the loss then applies label smoothing itself."""
     if (mixup_alpha <= 0 and cutmix_alpha <= 0) or prob <= 0:
         return None
-    return Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
-                 mode=mode, label_smoothing=label_smoothing, num_classes=num_classes)
+    return FixedShapeMixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob, switch_prob=switch_prob,
+                           mode=mode, label_smoothing=label_smoothing, num_classes=num_classes)
+
+
+class FixedShapeMixup(Mixup):
+    """timm's Mixup/CutMix (batch mode) computed as one fixed graph: ``where(box, flipped, blend)``.
+
+    The random draws are timm's and every pixel equals timm's result, but neither the CutMix box's size nor the
+    Mixup/CutMix choice changes the operations, so a compiled step (XLA) is built once, not once per draw.
+    """
+
+    def _mix_batch(self, x: torch.Tensor) -> float:
+        lam, use_cutmix = self._params_per_batch()
+        box = torch.zeros(x.shape[-2:], dtype=torch.bool)
+        blend = lam  # Mixup: every pixel blended; CutMix: the box pasted, the rest kept (blend 1)
+        if use_cutmix:
+            (top, bottom, left, right), lam = cutmix_bbox_and_lam(
+                x.shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
+            box[top:bottom, left:right] = True
+            blend = 1.0
+        # Weights as tensors, not Python numbers: XLA bakes 0 and 1 into the graph as constants, which would
+        # make CutMix (blend 1) a second graph. Both are rounded from Python floats, exactly as timm's scalars.
+        weights = torch.tensor([blend, 1.0 - blend], dtype=x.dtype).to(x.device)
+        flipped = x.flip(0)
+        x.copy_(torch.where(box.to(x.device), flipped, x * weights[0] + flipped * weights[1]))
+        return lam
 
 
 def mixup_micro_batch(mixup: Mixup, images: torch.Tensor, targets: torch.Tensor,
@@ -102,7 +127,7 @@ def mixup_micro_batch(mixup: Mixup, images: torch.Tensor, targets: torch.Tensor,
     """Mixes one micro-batch (``images`` in place) and returns ``(images, soft_targets)``.
 
     timm draws from numpy's global RNG; seeding it here makes the draw a pure function of ``seed``
-    (``derive_seed(seed, "step", step, micro)`` in the loop), whatever the sharding.
+    (``derive_seed(seed, "mix", step, micro)`` in the loop), whatever the sharding.
     """
     if len(images) % 2:
         raise ValueError(f"Mixup/CutMix pairs each sample with its mirror in the micro-batch, so the micro-batch "

@@ -34,7 +34,7 @@ def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int
 
         return XlaRuntime(precision, timeout_s)
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
+        raise ConfigError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"runtime.device must be one of {DEVICES}, got {device!r}")
     return TorchRuntime(kind, precision, timeout_s)

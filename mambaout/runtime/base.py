@@ -105,7 +105,7 @@ class Runtime:
 
     def seed_device_rng(self, seed: int) -> None:
         """Seeds the generator that in-model random ops (drop path, dropout) draw from."""
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # seeds every CUDA device too
 
     # --- data -----------------------------------------------------------------------------------------
     def batch_to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +130,19 @@ class Runtime:
         """A device tensor: True when this step's loss and gradient norm are finite."""
         return torch.isfinite(loss) & torch.isfinite(grad_norm)
 
-    def agree(self, step_finite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-        """(finite on every process, stop requested on any): the decisions every rank must share before
-        the optimizer step. Reading the flag costs one host sync per optimizer step, the price of never
-        letting a NaN reach the weights."""
+    def agree(self, step_finite: torch.Tensor, stop_requested: bool,
+              on_nonfinite: Callable[[], None]) -> tuple[bool, bool]:
+        """(take the optimizer step, stop after it): the decisions every rank must share. A step that is not
+        finite on some rank is not taken anywhere, and ``on_nonfinite`` (raise, or count a skip) runs. Reading
+        the flag costs one host sync per optimizer step, the price of never letting a NaN reach the weights."""
         nonfinite, stop = self.any_across([not bool(step_finite), stop_requested])
+        if nonfinite:
+            on_nonfinite()
         return not nonfinite, stop
+
+    def mean_across(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-process value over all processes."""
+        return self.sum_across(tensor) / self.world_size
 
     def after_step(self, callback: Callable[..., None], *tensors: torch.Tensor) -> None:
         """Calls ``callback`` with the host values of ``tensors``. Eager devices call it now; XLA defers

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..config import ConfigError
 from .base import DistributedRuntimeError, Runtime
 
 
@@ -83,7 +84,7 @@ class TorchRuntime(Runtime):
             device = torch.device("cpu")
         super().__init__(device, precision)
         if precision == "fp16" and kind != "cuda":
-            raise ValueError("train.precision=fp16 needs CUDA (a loss scaler on a GPU); use bf16 or fp32 on "
+            raise ConfigError("train.precision=fp16 needs CUDA (a loss scaler on a GPU); use bf16 or fp32 on "
                              f"{kind}")
         # fp16 gradients underflow without loss scaling; bf16 keeps fp32's exponent and needs none.
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -171,12 +172,10 @@ class TorchRuntime(Runtime):
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
     def gradient_sync(self, model: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
-        if enabled or not isinstance(model, DistributedDataParallel):
+        ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
+        if enabled or not isinstance(ddp, DistributedDataParallel):
             return contextlib.nullcontext()
-        return model.no_sync()  # accumulation micro-steps keep their gradients local
-
-    def seed_device_rng(self, seed: int) -> None:
-        torch.manual_seed(seed)  # also seeds every CUDA device
+        return ddp.no_sync()  # accumulation micro-steps keep their gradients local
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.scaler is None:

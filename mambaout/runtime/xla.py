@@ -173,20 +173,25 @@ class XlaRuntime(Runtime):
             return contextlib.nullcontext()
         return torch.autocast("xla", dtype=torch.bfloat16)
 
-    def agree(self, step_finite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    def agree(self, step_finite: torch.Tensor, stop_requested: bool,
+              on_nonfinite: Callable[[], None]) -> tuple[bool, bool]:
         """Takes the optimizer step without reading ``step_finite`` on the host (that would stall every
         step): ``optimizer_step`` applies the update on the device only where the step is finite, and a
-        step closure reports a non-finite step once the graph has run."""
-        self._pending_finite = step_finite
+        step closure runs ``on_nonfinite`` once the graph has run."""
+        self._pending_finite = (step_finite, on_nonfinite)
         return True, self.any_across([stop_requested])[0]
 
+    def mean_across(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # under SPMD a device value is already the mean over every host's data
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        finite, self._pending_finite = self._pending_finite, None
-        if finite is None:
+        pending, self._pending_finite = self._pending_finite, None
+        if pending is None:
             optimizer.step()
             return
+        finite, on_nonfinite = pending
         _guarded_step(optimizer, finite)
-        self.after_step(_nonfinite_check(optimizer), finite)
+        self.after_step(_nonfinite_check(optimizer, on_nonfinite), finite)
 
     def mark_step(self) -> None:
         self._torch_xla.sync()
@@ -368,9 +373,11 @@ def _guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> Non
                     value.copy_(torch.where(finite, value, old if old is not None else torch.zeros_like(value)))
 
 
-def _nonfinite_check(optimizer: torch.optim.Optimizer) -> Callable[[bool], None]:
+def _nonfinite_check(optimizer: torch.optim.Optimizer, on_nonfinite: Callable[[], None]
+                     ) -> Callable[[bool], None]:
     """The host side of a guarded step, run after its graph: a non-finite step left the weights as they were;
-    the host step counters (Adam's bias correction) are set back and the run stops with the loop's error."""
+    the host step counters (Adam's bias correction) are set back and the loop's ``on_nonfinite`` runs (it
+    stops the run, or counts a skipped step)."""
     def check(finite: bool) -> None:
         if finite:
             return
@@ -378,10 +385,7 @@ def _nonfinite_check(optimizer: torch.optim.Optimizer) -> Callable[[bool], None]
             step = state.get("step")
             if isinstance(step, torch.Tensor) and step.device.type != "xla":
                 step -= 1
-        from ..engine import NonFiniteLossError
-
-        raise NonFiniteLossError("non-finite loss or gradient norm on XLA; the weights were not updated with "
-                                 "this step. Lower optim.lr or set optim.clip_grad")
+        on_nonfinite()
     return check
 
 
