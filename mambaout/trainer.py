@@ -84,6 +84,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             raise ConfigError(f"model.name: {error}") from None
         reuse_folder = saved is not None or (resume == "auto" and _same_config_without_checkpoint(folder, cfg))
         run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
+        if saved is not None and runtime.is_main:
+            folder.set_aside_after(saved["train_state"]["step"])  # resuming an older one discards its future
         _announce(runtime, derived, cfg, saved)
         if saved is not None:
             model.load_state_dict(saved["model"])
@@ -204,7 +206,6 @@ def _checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, An
     if folder.path.exists() and any(folder.path.iterdir()) and folder.path.resolve() != own_folder:
         raise ResumeError(f"--resume {resume}: train.output_dir={folder.path} already holds another run; continue "
                           f"in the checkpoint's own run folder ({own_folder}) or an empty train.output_dir")
-    folder.set_aside_after(saved["train_state"]["step"])  # an older checkpoint: its future is discarded
     return saved
 
 
