@@ -277,6 +277,7 @@ def write_predictions(predictions, dataset, path: str) -> None:
         writer.writerow(["image", "label", *[f"top{i + 1}" for i in range(k)],
                          *[f"prob{i + 1}" for i in range(k)]])
         for index, target, classes, scores in predictions:
-            image = os.path.relpath(dataset.samples[index][0], dataset.root) if dataset.root else str(index)
+            root = getattr(dataset, "root", None)  # synthetic images have no file: named by index
+            image = os.path.relpath(dataset.samples[index][0], root) if root else str(index)
             writer.writerow([image, names[target] if target >= 0 else "", *[names[c] for c in classes],
                              *[f"{s:.6f}" for s in scores]])

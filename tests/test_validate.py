@@ -349,3 +349,20 @@ def test_pretrained_offline_is_a_clear_error(image_root, tmp_path, monkeypatch, 
         release_checkpoint("mambaout_small_rw")
     assert "could not download" in cli_error(capsys, "--model", "mambaout_femto", "--pretrained",
                                              "--data", image_root)
+
+
+def test_predictions_on_synthetic_data_name_images_by_index(tmp_path, monkeypatch):
+    import csv
+
+    import validate
+    from mambaout import create_model
+
+    monkeypatch.chdir(tmp_path)
+    torch.save(create_model("mambaout_femto", num_classes=10).state_dict(), "weights.pth")
+    validate.cli(["--model", "mambaout_femto", "--checkpoint", "weights.pth", "--img-size", "32", "--workers", "0",
+                  "--device", "cpu", "--predictions", "predictions.csv", "data.format=synthetic",
+                  "data.synthetic_val_size=6", "data.synthetic_num_classes=10"])
+    with open("predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["image"] for row in rows] == [str(i) for i in range(6)]
+    assert all(0.0 <= float(row["prob1"]) <= 1.0 for row in rows)

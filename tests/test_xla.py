@@ -131,13 +131,18 @@ def drive_guard(out: Path) -> None:
     def stop_on_nonfinite() -> None:  # what the loop does without train.skip_nonfinite
         raise NonFiniteLossError("non-finite loss or gradient norm; the weights were not updated with this step")
 
-    def step(scale: float) -> None:
+    skipped: list[int] = []
+
+    def count_skip() -> None:  # what the loop does with train.skip_nonfinite
+        skipped.append(1)
+
+    def step(scale: float, on_nonfinite=stop_on_nonfinite) -> None:
         transfers = runtime.compile_stats()["transfers_to_host"]
         loss = model(torch.ones(8, 4, device=runtime.device)).square().mean() * scale
         loss.backward()
         runtime.mark_step()
         grad_norm = runtime.unscale_and_clip(optimizer, params, None)
-        finite, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, stop_on_nonfinite)
+        finite, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, on_nonfinite)
         assert finite  # XLA decides on the device
         runtime.optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -160,6 +165,8 @@ def drive_guard(out: Path) -> None:
     record["after"] = snapshot()
     step(1.0)
     record["next"] = snapshot()
+    step(float("nan"), on_nonfinite=count_skip)
+    record["skipped"], record["after_skip"] = len(skipped), snapshot()
     out.write_text(json.dumps(record))
 
 
@@ -372,7 +379,8 @@ def test_nonfinite_step_is_skipped_on_the_device(runs):
     assert guard["raised"] and "non-finite" in guard["raised"]
     assert guard["after"] == guard["before"]  # weights, moments and step counters as they were
     assert guard["next"]["weights"] != guard["after"]["weights"]
-    assert guard["transfers_in_step"] == [0, 0, 0]
+    assert guard["skipped"] == 1 and guard["after_skip"] == guard["next"]  # counted, weights kept
+    assert guard["transfers_in_step"] == [0, 0, 0, 0]
 
 
 if __name__ == "__main__":
