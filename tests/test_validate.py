@@ -359,9 +359,9 @@ def test_predictions_on_synthetic_data_name_images_by_index(tmp_path, monkeypatc
 
     monkeypatch.chdir(tmp_path)
     torch.save(create_model("mambaout_femto", num_classes=10).state_dict(), "weights.pth")
-    validate.cli(["--model", "mambaout_femto", "--checkpoint", "weights.pth", "--img-size", "32", "--workers", "0",
-                  "--device", "cpu", "--predictions", "predictions.csv", "data.format=synthetic",
-                  "data.synthetic_val_size=6", "data.synthetic_num_classes=10"])
+    assert validate.main(["--model", "mambaout_femto", "--checkpoint", "weights.pth", "--img-size", "32",
+                          "--workers", "0", "--device", "cpu", "--predictions", "predictions.csv",
+                          "data.format=synthetic", "data.synthetic_val_size=6", "data.synthetic_num_classes=10"]) == 0
     with open("predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [row["image"] for row in rows] == [str(i) for i in range(6)]
