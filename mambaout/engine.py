@@ -153,9 +153,10 @@ def train_one_epoch(
         if not is_last:
             continue
 
-        step_loss = torch.stack(micro_losses).mean()
+        losses = torch.stack(micro_losses)
+        step_loss = losses.mean()
         grad_norm = runtime.unscale_and_clip(optimizer, params, clip_grad)
-        on_nonfinite = _nonfinite_handler(state, skip_nonfinite, torch.stack(micro_losses), grad_norm)
+        on_nonfinite = _nonfinite_handler(state, skip_nonfinite, losses, grad_norm)
         finite, stop = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested(),
                                      on_nonfinite)
         if finite:

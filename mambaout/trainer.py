@@ -27,7 +27,7 @@ from .models import create_model
 from .optim import LrSchedule, create_optimizer
 from .runtime import Runtime, create_runtime
 from .tracking import Progress, RunFolder, build_manifest
-from .validation import eval_transform
+from .validation import build_eval_dataset
 
 log = logging.getLogger("mambaout")
 
@@ -289,13 +289,10 @@ def _build_datasets(cfg: Config):
     if data.format == "folder" and data.root is None:
         raise ConfigError("data.root is not set: pass data.root=DIR (a folder holding train/ and val/), or "
                           "data.format=synthetic for a benchmark")
-    synthetic = {"format": data.format, "num_classes": data.synthetic_num_classes, "img_size": data.img_size,
-                 "seed": cfg.train.seed}
-    train_set = build_dataset(data.root, data.train_split, train_tf, train=True,
-                              num_samples=data.synthetic_train_size, **synthetic)
-    val_set = build_dataset(data.root, data.val_split, eval_transform(cfg), train=False, classes=train_set.classes,
-                            num_samples=data.synthetic_val_size, **synthetic)
-    return train_set, val_set
+    train_set = build_dataset(data.root, data.train_split, train_tf, train=True, format=data.format,
+                              num_samples=data.synthetic_train_size, num_classes=data.synthetic_num_classes,
+                              img_size=data.img_size, seed=cfg.train.seed)
+    return train_set, build_eval_dataset(cfg, classes=train_set.classes)  # the one validate.py evaluates
 
 
 def _eval_sampler(num_samples: int, cfg: Config, runtime: Runtime) -> EvalBatchSampler:
