@@ -1,9 +1,10 @@
-"""Image datasets: class folders (ImageNet synset order when the folders are synsets), the flat
-ImageNet validation folder, and a synthetic dataset for benchmarks.
+"""Image datasets: class folders (ImageNet synset order when the folders are synsets), the flat ImageNet
+validation folder, and a synthetic dataset for benchmarks.
 
-Items are dicts ``{"image": Tensor, "target": int, "index": int, "bad": bool}``. A dataset accepts an
-int index or the ``(index, sample_seed)`` pairs of :class:`~mambaout.data.sampling.MicroBatchSampler`;
-with a seed, the augmentation is a pure function of it.
+Items are dicts ``{"image": Tensor, "target": int, "index": int, "bad": bool}`` (a pipeline's reader may put
+other fields in place of or beside ``image``). A dataset accepts an int index or the ``(index, sample_seed)``
+pairs of :class:`~mambaout.data.sampling.MicroBatchSampler`; with a seed, the augmentation is a pure function
+of it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -35,6 +36,46 @@ _SYNSET = re.compile(r"n\d{8}")
 Transform = Callable[[Image.Image], torch.Tensor]
 Item = dict[str, Any]
 SampleRef = int | tuple[int, int]
+
+
+class SampleReader(Protocol):
+    """The per-sample work of a pipeline, done in the DataLoader workers. ``load`` reads a file and raises when
+    it is unreadable (the dataset then replaces or masks the sample); ``prepare`` turns what was loaded into the
+    item's fields, keyed by the sample's seed (None: evaluation), and must not fail on a readable file;
+    ``blank`` gives the fields of a row without an image (padding, masked unreadable images)."""
+
+    def load(self, path: str) -> Any: ...
+
+    def prepare(self, loaded: Any, sample_seed: int | None) -> dict[str, Any]: ...
+
+    def blank(self) -> dict[str, Any]: ...
+
+
+class PilReader:
+    """The ``timm`` pipeline's reader: PIL decoding, then a PIL transform with timm's global random generators
+    seeded from the sample's seed."""
+
+    def __init__(self, transform: Transform) -> None:
+        self.transform = transform
+        self._blank_image: torch.Tensor | None = None
+
+    def load(self, path: str) -> Image.Image:
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            return image.convert("RGB")  # decodes fully, so truncated files fail here
+
+    def prepare(self, image: Image.Image, sample_seed: int | None) -> dict[str, Any]:
+        if sample_seed is None:
+            return {"image": self.transform(image)}
+        with seeded_rngs(sample_seed):
+            return {"image": self.transform(image)}
+
+    def blank(self) -> dict[str, Any]:
+        if self._blank_image is None:
+            # The transform decides the output size; probe it once, without touching the caller's RNGs.
+            with seeded_rngs(0):
+                self._blank_image = torch.zeros_like(self.transform(Image.new("RGB", (64, 64))))
+        return {"image": self._blank_image.clone()}
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -70,31 +111,25 @@ def _check_index(index: int, length: int) -> None:
                          f"(only {PAD_INDEX} is allowed below 0, for padding)")
 
 
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as file:
-        image = Image.open(file)
-        return image.convert("RGB")  # decodes fully, so truncated files fail here
-
-
 class ImageDataset(Dataset[Item]):
-    """Images listed as ``(path, target)`` samples.
+    """Images listed as ``(path, target)`` samples, read by a pipeline's ``SampleReader`` (or a PIL transform,
+    which is wrapped in ``PilReader``).
 
     An unreadable image (missing, truncated or corrupt file) never stops a run. With
     ``replace_bad=True`` (training) it is replaced by the next readable sample (``index + 1``,
     ``index + 2``, ... with the same seed, so the choice is deterministic); with ``replace_bad=False``
-    (evaluation) the item has a zero image and target -1, for the evaluator to mask. Either way the
-    item keeps the requested ``index`` and has ``bad=True``. Index :data:`~mambaout.data.sampling.PAD_INDEX` gives a padding row: zero
-    image, target -1, ``bad=False``.
+    (evaluation) the item has the reader's blank fields and target -1, for the evaluator to mask. Either way the
+    item keeps the requested ``index`` and has ``bad=True``. Index :data:`~mambaout.data.sampling.PAD_INDEX` gives
+    a padding row: blank fields, target -1, ``bad=False``.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], transform: Transform, *,
-                 root: str | os.PathLike | None = None, replace_bad: bool = False) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], reader: SampleReader | Transform,
+                 *, root: str | os.PathLike | None = None, replace_bad: bool = False) -> None:
         self.samples = list(samples)
         self.classes = list(classes)
-        self.transform = transform
+        self.reader = reader if hasattr(reader, "prepare") else PilReader(reader)
         self.root = None if root is None else os.fspath(root)
         self.replace_bad = replace_bad
-        self._blank_image: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -110,41 +145,29 @@ class ImageDataset(Dataset[Item]):
     def __getitem__(self, ref: SampleRef) -> Item:
         index, sample_seed = ref if isinstance(ref, tuple) else (ref, None)
         if index == PAD_INDEX:
-            return self._blank_item(index, bad=False)
+            return {**self.reader.blank(), "target": -1, "index": index, "bad": False}
         _check_index(index, len(self))
         loaded = self._load(index)
         if loaded is None:
-            return self._blank_item(index, bad=True)
-        image, target, bad = loaded
-        return {"image": self._apply_transform(image, sample_seed), "target": target, "index": index, "bad": bad}
+            return {**self.reader.blank(), "target": -1, "index": index, "bad": True}
+        content, target, bad = loaded
+        return {**self.reader.prepare(content, sample_seed), "target": target, "index": index, "bad": bad}
 
-    def _load(self, index: int) -> tuple[Image.Image, int, bool] | None:
-        """The image and target of ``index``, or of its replacement; None when eval-mode masks it."""
+    def _load(self, index: int) -> tuple[Any, int, bool] | None:
+        """What the reader loaded for ``index``, or for its replacement; None when eval-mode masks it."""
         attempts = len(self) if self.replace_bad else 1
         for candidate in range(index, index + attempts):
             path, target = self.samples[candidate % len(self)]
             # Pillow's decoders raise many exception types on malformed files (OSError, ValueError,
-            # SyntaxError, struct.error, DecompressionBombError, ...); all mean "unreadable".
+            # SyntaxError, struct.error, DecompressionBombError, ...), libjpeg-turbo a RuntimeError; all mean
+            # "unreadable".
             try:
-                return _load_rgb(path), target, candidate != index
+                return self.reader.load(path), target, candidate != index
             except Exception as error:  # noqa: BLE001
                 _logger.warning("unreadable image %s (%s: %s)", path, type(error).__name__, error)
         if self.replace_bad:
             raise RuntimeError(f"no readable image among the {len(self)} images of the dataset (root {self.root})")
         return None
-
-    def _apply_transform(self, image: Image.Image, sample_seed: int | None) -> torch.Tensor:
-        if sample_seed is None:
-            return self.transform(image)
-        with seeded_rngs(sample_seed):
-            return self.transform(image)
-
-    def _blank_item(self, index: int, bad: bool) -> Item:
-        if self._blank_image is None:
-            # The transform decides the output size; probe it once, without touching the caller's RNGs.
-            with seeded_rngs(0):
-                self._blank_image = torch.zeros_like(self.transform(Image.new("RGB", (64, 64))))
-        return {"image": self._blank_image.clone(), "target": -1, "index": index, "bad": bad}
 
 
 class SyntheticDataset(Dataset[Item]):
@@ -305,23 +328,24 @@ def scan_split(root: str | os.PathLike, split: str,
     return samples, list(classes)
 
 
-def build_dataset(root: str | os.PathLike | None, split: str, transform: Transform | None, *, train: bool,
+def build_dataset(root: str | os.PathLike | None, split: str, reader: SampleReader | Transform | None, *, train: bool,
                   classes: Sequence[str] | None = None, format: str = "folder", num_samples: int = 0,
                   num_classes: int = 1000, img_size: int = 224, seed: int = 0) -> ImageDataset | SyntheticDataset:
     """Builds the ``split`` dataset of ``root``.
 
-    ``format="folder"`` reads ``root/split`` (see :func:`scan_split`); a ``train`` dataset replaces
-    unreadable images, an evaluation dataset masks them. ``format="synthetic"`` ignores ``root`` and
-    ``transform`` and makes ``num_samples`` random images of ``img_size`` over ``num_classes`` classes.
+    ``format="folder"`` reads ``root/split`` (see :func:`scan_split`) with ``reader`` (a pipeline's reader, or a
+    PIL transform); a ``train`` dataset replaces unreadable images, an evaluation dataset masks them.
+    ``format="synthetic"`` ignores ``root`` and ``reader`` and makes ``num_samples`` random images of
+    ``img_size`` over ``num_classes`` classes.
     """
     if format == "synthetic":
         return SyntheticDataset(num_samples, num_classes, img_size, seed=derive_seed(seed, split))
     if format != "folder":
         raise ValueError(f"unknown dataset format {format!r}; expected 'folder' or 'synthetic'")
-    if root is None or transform is None:
-        raise ValueError("a folder dataset needs a root and a transform")
+    if root is None or reader is None:
+        raise ValueError("a folder dataset needs a root and a reader")
     samples, classes = scan_split(root, split, classes)
-    return ImageDataset(samples, classes, transform, root=Path(root) / split, replace_bad=train)
+    return ImageDataset(samples, classes, reader, root=Path(root) / split, replace_bad=train)
 
 
 def dataset_fingerprint(dataset: ImageDataset | SyntheticDataset) -> dict[str, Any]:

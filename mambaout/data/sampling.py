@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 PAD_INDEX = -1
 """Index of a padding row: datasets return a zero image with target -1 for it."""
@@ -35,27 +36,81 @@ def derive_seed(*parts: int | str) -> int:
     return int.from_bytes(digest, "big") >> 1
 
 
+def sample_generator(sample_seed: int) -> random.Random:
+    """The one generator every random parameter of a sample is drawn from (tensor pipelines): python's
+    Mersenne Twister, seeded in ~6 us, its scalar draws ~0.1 us each."""
+    return random.Random(sample_seed)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(derive_seed(seed, "numpy") % 2**32)  # numpy's legacy seeding takes 32 bits
+    # Only the CPU generator: torch.manual_seed would also reseed (and initialise) every CUDA device.
+    torch.default_generator.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def seeded_rngs(seed: int) -> Iterator[None]:
-    """Seeds python ``random``, numpy's global RNG and torch's CPU RNG from ``seed`` for the
-    duration of the block, then restores the three previous states.
+    """Seeds python ``random``, numpy's global RNG and torch's CPU RNG from ``seed`` for the duration of the
+    block (timm's PIL transforms draw from these three).
 
-    Restoring matters when the data is loaded in the main process (``num_workers=0``): the draws
-    inside the block must not shift the streams the caller continues with.
+    In the main process (``num_workers=0``) the previous states are restored afterwards, so the draws inside
+    the block do not shift the streams the caller continues with. A DataLoader worker has no such caller, and
+    saving and restoring numpy's state alone costs ~120 us a sample, so workers only seed (~15 us).
     """
+    if get_worker_info() is not None:
+        _seed_global_rngs(seed)
+        yield
+        return
     python_state = random.getstate()
     numpy_state = np.random.get_state()
     torch_state = torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(derive_seed(seed, "numpy") % 2**32)  # numpy's legacy seeding takes 32 bits
-    # Only the CPU generator: torch.manual_seed would also reseed (and initialise) CUDA.
-    torch.default_generator.manual_seed(seed)
+    _seed_global_rngs(seed)
     try:
         yield
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
         torch.set_rng_state(torch_state)
+
+
+# --- counter-based noise: the same values from the same key on any device, in any batch --------------------
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x * constant mod 2**32`` for int64 ``x`` in [0, 2**32), in 16-bit halves so no product overflows int64
+    (overflow is undefined in C++ and differs between backends)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2**32) in which every input bit flips about half of
+    the output bits."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def keyed_bits(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """32 random bits (int64 in [0, 2**32)) for each ``counter`` (int64 in [0, 2**32)) under a 63-bit ``key``
+    (broadcast against it): a pure function of both, computed with integer ops that every backend (CPU, CUDA,
+    XLA) evaluates exactly, so no generator state exists and no device or batch split changes a value."""
+    low, high = key & _MASK32, key >> 32
+    return _fmix32(_fmix32(counter ^ low) ^ high ^ 0x9E3779B9)  # the constant keeps (0, 0) off the fixed point 0
+
+
+def keyed_normal(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """Standard normal float32 values, one per ``counter`` (< 2**31), by Box-Muller from two keyed uniforms
+    of 24 bits (|value| <= 5.77: the normal's mass beyond that is 1e-8)."""
+    scale = 2.0 ** -24
+    u1 = ((keyed_bits(key, 2 * counter) >> 8) + 1).to(torch.float32) * scale  # in (0, 1]: log(u1) is finite
+    u2 = (keyed_bits(key, 2 * counter + 1) >> 8).to(torch.float32) * scale
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
 
 def _divisors(n: int) -> list[int]:
