@@ -68,6 +68,14 @@ class DataConfig:
     train_split: str = _key("train", "Sub-folder of root to train on.")
     val_split: str = _key("val", "Sub-folder of root to evaluate on.")
     img_size: int = _key(224, "Training crop size in pixels.", POSITIVE)
+    pipeline: Literal["auto", "timm", "tensor", "nvjpeg"] = _key(
+        "timm", "Input pipeline (docs/DATA.md): 'timm' = timm's PIL transforms in the workers (the bit-exact "
+        "reference); 'tensor' = tensor decoding and augmentation, keyed per sample like timm's; 'nvjpeg' = as "
+        "tensor, JPEGs decoded on the GPU; 'auto' = nvjpeg on CUDA, else tensor. Evaluation follows the choice.")
+    augment_on: Literal["auto", "device", "workers"] = _key(
+        "auto", "Where the tensor pipelines run RandAugment, normalisation and erasing: 'device' = batched on the "
+        "GPU/TPU (uint8 images travel), 'workers' = per sample in the data workers; 'auto' = device on CUDA and "
+        "XLA, workers on CPU. The same ops either way.")
     num_workers: int = _key(8, "Data-loading worker processes per device; 0 = load in the main process.",
                             NON_NEGATIVE)
     synthetic_train_size: int = _key(

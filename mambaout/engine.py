@@ -66,6 +66,9 @@ class StepLog:
     img_per_s: float
 
 
+PrepareBatch = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+
+
 class NonFiniteLossError(RuntimeError):
     """A loss or gradient that is NaN or infinite; the weights were not updated with it."""
 
@@ -118,13 +121,16 @@ def train_one_epoch(
     max_steps: int | None = None,
     log_interval: int = 50,
     hooks: TrainHooks = TrainHooks(),
+    prepare_batch: PrepareBatch | None = None,
 ) -> bool:
     """Runs the optimizer steps of ``state.epoch`` from ``state.step`` on.
 
     ``loader`` yields one batch per accumulation micro-step (``sampler.accum_steps`` per optimizer step),
-    starting at an optimizer-step boundary. Returns True when it stopped early because a stop was
-    requested on any process; every process stops at the same step.
+    starting at an optimizer-step boundary; ``prepare_batch`` turns a batch into the model's input on the
+    device (the input pipeline's last stage; default: images and targets moved as they are). Returns True when
+    it stopped early because a stop was requested on any process; every process stops at the same step.
     """
+    prepare_batch = prepare_batch or runtime.batch_to_device
     model.train()
     accum_steps = sampler.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +143,7 @@ def train_one_epoch(
         if accum_index == 0:
             schedule.set_step(state.step)
         step_bad_images += int(batch["bad"].sum())  # a host tensor: no device sync
-        images, targets = runtime.batch_to_device(batch)
+        images, targets = prepare_batch(batch)
         micro_ids = sampler.micro_indices(accum_index)
         images, targets = mix_micro_batches(
             mixup, images, targets, [derive_seed(seed, "mix", state.step, m) for m in micro_ids])
@@ -244,13 +250,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], runtime: Runtime,
-             *, collect_predictions: bool = False, on_batch: Callable[[int], None] = lambda n: None
-             ) -> EvalResult:
+             *, collect_predictions: bool = False, on_batch: Callable[[int], None] = lambda n: None,
+             prepare_batch: PrepareBatch | None = None) -> EvalResult:
     """Top-1/top-5/loss over every image exactly once across all shards.
 
     Each shard sees a disjoint part of the set (no padded duplicates); rows with target -1 (padding or an
-    unreadable image) are masked out. The sums are reduced once, at the end.
+    unreadable image) are masked out. The sums are reduced once, at the end. ``prepare_batch``: as in
+    ``train_one_epoch``.
     """
+    prepare_batch = prepare_batch or runtime.batch_to_device
     model.eval()
     # correct@1, correct@5, loss sum, count: float64 so that the counts stay exact at any dataset size
     totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
@@ -258,7 +266,7 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], runtim
     predictions: list[tuple[int, int, list[int], list[float]]] = []
     for batch in runtime.wrap_loader(loader):
         bad_indices += batch["index"][batch["bad"]].tolist()
-        images, targets = runtime.batch_to_device(batch)
+        images, targets = prepare_batch(batch)
         with runtime.autocast():
             logits = model(images)
         logits = logits.float()

@@ -48,8 +48,8 @@ def software_versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "timm": timm.__version__}
 
 
-def build_manifest(*, runtime_info: dict[str, Any], dataset: dict[str, Any], derived: dict[str, Any]
-                   ) -> dict[str, Any]:
+def build_manifest(*, runtime_info: dict[str, Any], input_pipeline: dict[str, Any], dataset: dict[str, Any],
+                   derived: dict[str, Any]) -> dict[str, Any]:
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": [sys.executable, *sys.argv],
@@ -58,6 +58,7 @@ def build_manifest(*, runtime_info: dict[str, Any], dataset: dict[str, Any], der
         "git": git_state(Path(__file__).resolve().parent.parent),
         "versions": software_versions(),
         "runtime": runtime_info,
+        "input_pipeline": input_pipeline,
         "derived": derived,
         "dataset": dataset,
     }

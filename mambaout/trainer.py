@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from . import checkpoint
 from .checkpoint import CheckpointFolder
 from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, load_config, to_yaml
-from .data import (EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, build_train_transform,
-                   dataset_fingerprint)
+from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, dataset_fingerprint
+from .data.pipeline import Pipeline, Stage, build_pipeline
 from .data.sampling import derive_seed
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
@@ -64,7 +64,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         folder = CheckpointFolder(derived.output_dir, keep=cfg.train.keep_checkpoints)
         saved = _checkpoint_to_resume(folder, resume)
         runtime.assert_same("the step to resume from", saved and saved["train_state"]["step"])
-        train_set, val_set = _build_datasets(cfg)
+        pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)
+        train_set, val_set = _build_datasets(cfg, pipeline)
         fingerprint = dataset_fingerprint(train_set)
         if saved is not None:
             _check_resumable(cfg, saved, fingerprint)
@@ -86,7 +87,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
         if saved is not None and runtime.is_main:
             folder.set_aside_after(saved["train_state"]["step"])  # resuming an older one discards its future
-        _announce(runtime, derived, cfg, saved)
+        _announce(runtime, derived, cfg, pipeline, saved)
         if saved is not None:
             model.load_state_dict(saved["model"])
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
@@ -105,9 +106,11 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         schedule = LrSchedule(optimizer, epochs=cfg.sched.epochs, warmup_epochs=cfg.sched.warmup_epochs,
                               warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr,
                               steps_per_epoch=sampler.steps_per_epoch, per_step=cfg.sched.per_step)
-        train_loader = _loader(train_set, sampler, cfg.data.num_workers, runtime)
-        val_loader = _loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers, runtime)
-        _record_provenance(run, cfg, derived, runtime, train_set, val_set, fingerprint, state, saved)
+        train_loader = _loader(train_set, sampler, cfg.data.num_workers, runtime, pipeline.train)
+        val_loader = _loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers, runtime,
+                             pipeline.eval)
+        prepare_train, prepare_eval = pipeline.train.prepare(runtime), pipeline.eval.prepare(runtime)
+        _record_provenance(run, cfg, derived, runtime, pipeline, train_set, val_set, fingerprint, state, saved)
 
         total_steps = derived.total_epochs * sampler.steps_per_epoch
         if cfg.train.max_steps is not None:
@@ -150,14 +153,15 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                         train_model, optimizer, schedule, train_loader, sampler, criterion, runtime, state,
                         seed=cfg.train.seed, mixup=mixup, ema=ema, clip_grad=cfg.optim.clip_grad,
                         skip_nonfinite=cfg.train.skip_nonfinite, max_steps=total_steps,
-                        log_interval=cfg.train.log_interval, hooks=hooks)
+                        log_interval=cfg.train.log_interval, hooks=hooks, prepare_batch=prepare_train)
                 except NonFiniteLossError as error:
                     raise NonFiniteLossError(f"{error}. Last good checkpoint: {folder.latest() or 'none yet'}") \
                         from None
+                train_seconds = time.perf_counter() - epoch_start
                 if evaluated_after(state.step):  # also when preempted on an epoch's last step
-                    final_eval = _evaluate_epoch(model, ema, val_loader, runtime)
+                    final_eval = _evaluate_epoch(model, ema, val_loader, runtime, prepare_eval)
                     _log_epoch(run, state, optimizer, final_eval, cfg, time.perf_counter() - epoch_start,
-                               state.step - first_step)
+                               train_seconds, state.step - first_step)
                     score = final_eval["ema_top1" if cfg.eval.use_ema and ema is not None else "top1"]
                     is_best = score > state.best_top1
                     if is_best:
@@ -175,11 +179,13 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
 
 
 def _log_epoch(run: RunFolder, state: TrainState, optimizer, result: dict[str, Any], cfg: Config,
-               seconds: float, steps: int) -> None:
+               seconds: float, train_seconds: float, steps: int) -> None:
+    """A metrics.csv row: ``img_per_s`` is the training throughput (the evaluation excluded), ``epoch_seconds``
+    the epoch's wall time with its evaluation."""
     run.log_epoch({
         "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
         "train_loss": state.epoch_loss, "eval_loss": result["loss"], "top1": result["top1"], "top5": result["top5"],
-        "ema_top1": result.get("ema_top1"), "img_per_s": steps * cfg.optim.global_batch_size / seconds,
+        "ema_top1": result.get("ema_top1"), "img_per_s": steps * cfg.optim.global_batch_size / train_seconds,
         "epoch_seconds": seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips})
     log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f", state.epoch, state.step,
              state.epoch_loss, result["top1"], result["top5"], result["loss"])
@@ -269,30 +275,27 @@ def _preemption_signals() -> Iterator[Any]:
 
 # --- building ----------------------------------------------------------------------------------------------------
 
-def _announce(runtime: Runtime, derived: Derived, cfg: Config, saved: dict[str, Any] | None) -> None:
+def _announce(runtime: Runtime, derived: Derived, cfg: Config, pipeline: Pipeline, saved: dict[str, Any] | None
+              ) -> None:
     if runtime.is_main:
         log.info("%s on %s x%d: global batch %d = micro batch %d x %d shards x %d accumulation steps, lr %.3g",
                  cfg.model.name, runtime.kind, runtime.num_shards, cfg.optim.global_batch_size,
                  derived.micro_batch_size, derived.num_shards, derived.accum_steps, derived.lr)
+        log.info("input pipeline: %s, augmentation on the %s", pipeline.name,
+                 "device" if pipeline.augment_on == "device" else "data workers")
         if saved is not None:
             log.info("resuming %s at optimizer step %d", derived.output_dir, saved["train_state"]["step"])
 
 
-def _build_datasets(cfg: Config):
-    aug = cfg.aug
-    train_tf = build_train_transform(
-        cfg.data.img_size, rand_augment=aug.rand_augment, random_erase_prob=aug.random_erase_prob,
-        random_erase_mode=aug.random_erase_mode, random_erase_count=aug.random_erase_count,
-        crop_scale=tuple(aug.crop_scale), crop_ratio=tuple(aug.crop_ratio), hflip=aug.hflip,
-        interpolation=aug.interpolation, mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+def _build_datasets(cfg: Config, pipeline: Pipeline):
     data = cfg.data
     if data.format == "folder" and data.root is None:
         raise ConfigError("data.root is not set: pass data.root=DIR (a folder holding train/ and val/), or "
                           "data.format=synthetic for a benchmark")
-    train_set = build_dataset(data.root, data.train_split, train_tf, train=True, format=data.format,
+    train_set = build_dataset(data.root, data.train_split, pipeline.train.reader, train=True, format=data.format,
                               num_samples=data.synthetic_train_size, num_classes=data.synthetic_num_classes,
                               img_size=data.img_size, seed=cfg.train.seed)
-    return train_set, build_eval_dataset(cfg, classes=train_set.classes)  # the one validate.py evaluates
+    return train_set, build_eval_dataset(cfg, pipeline.eval.reader, classes=train_set.classes)  # validate.py's
 
 
 def _eval_sampler(num_samples: int, cfg: Config, runtime: Runtime) -> EvalBatchSampler:
@@ -302,8 +305,8 @@ def _eval_sampler(num_samples: int, cfg: Config, runtime: Runtime) -> EvalBatchS
                             pad_to_full=runtime.fixed_shapes)
 
 
-def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
+def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime, stage: Stage) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=stage.collate,
                       pin_memory=runtime.device.type == "cuda", persistent_workers=num_workers > 0,
                       worker_init_fn=_leave_signals_to_the_main_process)
 
@@ -323,12 +326,13 @@ def _build_ema(model, cfg: Config):
     return ModelEmaV3(model, decay=cfg.train.ema_decay)
 
 
-def _record_provenance(run: RunFolder, cfg: Config, derived: Derived, runtime: Runtime, train_set, val_set,
-                       fingerprint: dict[str, Any], state: TrainState, saved: dict[str, Any] | None) -> None:
+def _record_provenance(run: RunFolder, cfg: Config, derived: Derived, runtime: Runtime, pipeline: Pipeline,
+                       train_set, val_set, fingerprint: dict[str, Any], state: TrainState,
+                       saved: dict[str, Any] | None) -> None:
     """config.yaml and classes.json; manifest.json on a fresh start, a resume entry appended on a resume."""
     run.write_text("config.yaml", to_yaml(cfg, derived))
     run.write_json("classes.json", list(train_set.classes))
-    manifest = build_manifest(runtime_info=runtime.describe(),
+    manifest = build_manifest(runtime_info=runtime.describe(), input_pipeline=pipeline.describe(),
                               dataset={"train": fingerprint, "val": dataset_fingerprint(val_set)},
                               derived=vars(derived))
     if saved is None:
@@ -339,14 +343,15 @@ def _record_provenance(run: RunFolder, cfg: Config, derived: Derived, runtime: R
     previous = run.read_json("manifest.json") or manifest
     previous.setdefault("resumes", []).append(
         {"step": state.step, "created": manifest["created"], "command": manifest["command"],
-         "git": manifest["git"], "runtime": manifest["runtime"], "derived": manifest["derived"]})
+         "git": manifest["git"], "runtime": manifest["runtime"], "input_pipeline": manifest["input_pipeline"],
+         "derived": manifest["derived"]})
     run.write_json("manifest.json", previous)
 
 
-def _evaluate_epoch(model, ema, loader, runtime: Runtime) -> dict[str, Any]:
-    result = evaluate(model, loader, runtime).as_dict()
+def _evaluate_epoch(model, ema, loader, runtime: Runtime, prepare_batch) -> dict[str, Any]:
+    result = evaluate(model, loader, runtime, prepare_batch=prepare_batch).as_dict()
     if ema is not None:
-        result["ema_top1"] = evaluate(ema.module, loader, runtime).top1
+        result["ema_top1"] = evaluate(ema.module, loader, runtime, prepare_batch=prepare_batch).top1
     return result
 
 

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint
 from .config import Config, eval_img_size
-from .data import EvalBatchSampler, build_dataset, build_eval_transform
+from .data import EvalBatchSampler, build_dataset
+from .data.pipeline import build_pipeline
 from .engine import evaluate
 from .models import MambaOut, create_model
 from .models.info import count_macs
@@ -30,7 +31,7 @@ from .tracking import Progress, software_versions
 log = logging.getLogger("mambaout")
 
 # Columns of a --results .csv (a row per run; an existing file keeps its own header).
-RESULT_COLUMNS = ("model", "checkpoint", "data", "img_size", "crop_pct", "interpolation", "use_ema",
+RESULT_COLUMNS = ("model", "checkpoint", "data", "pipeline", "img_size", "crop_pct", "interpolation", "use_ema",
                   "top1", "top5", "loss", "count", "bad_images_skipped", "params", "gmacs", "img_per_s",
                   "devices", "device", "published_top1", "top1_minus_published")
 
@@ -58,20 +59,23 @@ def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
     runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s)
     with runtime.session():
         weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
-        dataset = build_eval_dataset(cfg, classes)
+        pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)
+        stage = pipeline.eval
+        dataset = build_eval_dataset(cfg, stage.reader, classes)
         model = build_model(cfg.model.name, weights, dataset, request.checkpoint)
         runtime.prepare_model(model, cfg.train.channels_last)  # evaluation runs the bare model, as training's
 
         sampler = EvalBatchSampler(len(dataset), cfg.eval.batch_size * len(runtime.shard_ids),
                                    runtime.world_size, runtime.rank, pad_to_full=runtime.fixed_shapes)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                            pin_memory=runtime.device.type == "cuda")
+                            collate_fn=stage.collate, pin_memory=runtime.device.type == "cuda")
         progress = Progress(len(dataset), "validate", enabled=runtime.is_main)
         start = time.perf_counter()
         result = evaluate(model, loader, runtime, collect_predictions=request.predictions is not None,
                           # this process's share times the world size: an estimate, capped at the total
                           on_batch=lambda n: progress.update(min(n * runtime.world_size,
-                                                                 len(dataset) - progress.done)))
+                                                                 len(dataset) - progress.done)),
+                          prepare_batch=stage.prepare(runtime))
         seconds = time.perf_counter() - start
         bad_files = [dataset.samples[i][0] for i in result.bad_indices]
         if result.count + len(bad_files) != len(dataset):  # the promise of exact evaluation, checked
@@ -82,6 +86,7 @@ def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
                 f"{' ...' if len(bad_files) > 20 else ''}. Replace them, or pass --skip-bad-images to "
                 "leave them out (the count is recorded in the results).")
         summary = _summary(cfg, request, result.as_dict(), model, dataset, runtime, seconds, len(bad_files))
+        summary["pipeline"] = pipeline.name
         if runtime.is_main:
             _report(summary)
             if request.results:
@@ -137,15 +142,9 @@ def read_checkpoint(path: str, use_ema: bool) -> tuple[dict, list[str] | None]:
     return weights, classes
 
 
-def eval_transform(cfg: Config):
-    """The evaluation preprocessing of a config (shared with the training loop's evaluation)."""
-    return build_eval_transform(eval_img_size(cfg), crop_pct=cfg.eval.crop_pct,
-                                interpolation=cfg.eval.interpolation, mean=tuple(cfg.data.mean),
-                                std=tuple(cfg.data.std))
-
-
-def build_eval_dataset(cfg: Config, classes: list[str] | None = None):
-    """The split to evaluate; ``data.root`` may also be the split folder itself (as with timm)."""
+def build_eval_dataset(cfg: Config, reader, classes: list[str] | None = None):
+    """The split to evaluate, read by the input pipeline's evaluation ``reader``; ``data.root`` may also be the
+    split folder itself (as with timm)."""
     data, split = cfg.data, cfg.data.val_split
     if data.format == "folder":
         if data.root is None:
@@ -154,7 +153,7 @@ def build_eval_dataset(cfg: Config, classes: list[str] | None = None):
         if root.is_dir() and not (root / split).is_dir() and not (root / data.train_split).is_dir():
             log.info("%s has no '%s' sub-folder: evaluating the folder itself", root, split)
             split = ""
-    return build_dataset(data.root, split, eval_transform(cfg), train=False, classes=classes,
+    return build_dataset(data.root, split, reader, train=False, classes=classes,
                          format=data.format, num_samples=data.synthetic_val_size,
                          num_classes=data.synthetic_num_classes, img_size=eval_img_size(cfg), seed=cfg.train.seed)
 

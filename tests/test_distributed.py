@@ -153,14 +153,20 @@ def wait_for_steps(path: Path, steps: int, jobs: list[Job], timeout: float = STA
 
 # --- the same run on 1, 2 and 4 processes ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def runs(image_root, tmp_path_factory) -> dict[int, Path]:
-    """The run folders of one training run on 1, 2 (the README's launch script) and 4 processes."""
-    base = tmp_path_factory.mktemp("dist")
+PIPELINES = {"timm": {"data.pipeline": "timm"},
+             # the GPUs' default path, on the CPU: augmentation batched in the main process, by op groups
+             "tensor": {"data.pipeline": "tensor", "data.augment_on": "device"}}
+
+
+@pytest.fixture(scope="module", params=list(PIPELINES))
+def runs(request, image_root, tmp_path_factory) -> dict[int, Path]:
+    """The run folders of one training run on 1, 2 (the README's launch script) and 4 processes, with the timm
+    pipeline and with the tensor pipeline."""
+    base = tmp_path_factory.mktemp(f"dist-{request.param}")
     folders = {}
     for nproc in (1, 2, 4):
         out = base / f"p{nproc}"
-        overrides = [*README_CONFIG, *tiny_overrides(image_root, out, **INVARIANCE)]
+        overrides = [*README_CONFIG, *tiny_overrides(image_root, out, **INVARIANCE, **PIPELINES[request.param])]
         if nproc == 2:  # the README's one-node command, as written, on CPU
             status, output = run_job([*LAUNCH, "--nproc_per_node", "2", *overrides], base / "p2.log")
             assert "--nproc_per_node=2 --standalone train.py --config configs/mambaout_small.yaml" in output, \

@@ -104,6 +104,25 @@ def test_sigkill_then_same_command_resumes_bit_identically(image_root, uninterru
     assert_same_run(uninterrupted, out)
 
 
+def test_tensor_pipeline_resumes_bit_identically_after_sigkill(image_root, tmp_path):
+    """The tensor pipeline (augmentation on the device, 2 workers) keeps the promise too: its plans are keyed by
+    (seed, epoch, index), so the killed run continues from its checkpoint exactly."""
+    tensor = {"data.pipeline": "tensor", "data.augment_on": "device"}
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    process = launch(image_root, reference, **tensor)
+    assert finish(process) == 0, process.output
+    process = launch(image_root, out, **tensor)
+    wait_for(out / "checkpoints" / "step_00000004.pth", process)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert finish(process) == -signal.SIGKILL
+    saved = CheckpointFolder(out).load_latest()["train_state"]["step"]
+    assert 4 <= saved < 8
+    process = launch(image_root, out, **tensor)
+    assert finish(process) == 0, process.output
+    assert f"at optimizer step {saved}" in process.output
+    assert_same_run(reference, out)
+
+
 def test_sigterm_saves_exits_with_preemption_code_and_resumes(image_root, uninterrupted, tmp_path):
     out = tmp_path / "preempted"
     process = launch(image_root, out, **{"train.checkpoint_every_steps": None})

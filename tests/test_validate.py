@@ -25,8 +25,9 @@ from torchvision.datasets import ImageFolder
 
 from conftest import write_image_folder
 from mambaout.data import imagenet_synsets
+from mambaout.data.pipeline import timm_eval_transform
 from mambaout.models import published
-from mambaout.validation import (ValidationError, eval_transform, published_reference, release_checkpoint,
+from mambaout.validation import (ValidationError, published_reference, release_checkpoint,
                                  write_results)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,6 +119,7 @@ def test_matches_plain_timm_pipeline(image_root, femto4, tmp_path):
                        "--batch-size", 5)
     reference, per_image = timm_reference(femto4, image_root / "val", 4)
     assert (result["img_size"], result["crop_pct"], result["interpolation"]) == (224, 1.0, "bicubic")
+    assert result["pipeline"] == "timm"  # the schema's default: released weights evaluated as timm did
     assert_same_totals(result, reference)
     assert_same_predictions(rows, per_image)
     assert 0 < result["top1"] < 100  # the predictions differ between images: a real comparison
@@ -127,11 +129,13 @@ def test_matches_plain_timm_pipeline(image_root, femto4, tmp_path):
 
 
 def test_training_config_mode(image_root, femto4, tmp_path):
-    """--config: model, crop, interpolation and size come from the training config; KEY=VALUE overrides it."""
+    """--config: model, crop, interpolation and size come from the training config; KEY=VALUE overrides it.
+    (The timm pipeline, to compare with timm's transform bit for bit; the shipped configs' tensor pipeline is
+    compared with it in tests/test_pipelines.py.)"""
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
         "base": str(REPO / "configs" / "mambaout_femto.yaml"),
-        "data": {"root": str(image_root), "img_size": 32},
+        "data": {"root": str(image_root), "img_size": 32, "pipeline": "timm"},
         "eval": {"crop_pct": 0.875, "interpolation": "bilinear", "batch_size": 64},
     }))
     result, rows = run(tmp_path, "--config", config, "--checkpoint", femto4, "eval.batch_size=4")
@@ -146,7 +150,7 @@ def test_training_config_mode(image_root, femto4, tmp_path):
 def test_img_size_override_changes_the_transform():
     def transform(*flags: str):
         _, cfg = validate_cli.parse_args(["--model", "mambaout_femto", "--checkpoint", "w.pth", "--data", "d", *flags])
-        return eval_transform(cfg)
+        return timm_eval_transform(cfg)
 
     def timm_transform(size: int, crop_pct: float = 1.0):
         return create_transform(input_size=size, crop_pct=crop_pct, interpolation="bicubic")

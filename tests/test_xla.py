@@ -43,6 +43,7 @@ SETTINGS = {
     "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 1.0,  # the recipe: one graph for Mixup and CutMix alike
 }
 VAL_IMAGES = 21  # conftest's image_root: 4 x 5 + 1
+TENSOR_PIPELINE = {"data.pipeline": "tensor", "data.augment_on": "device", "aug.random_erase_prob": 0.5}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -81,6 +82,7 @@ def drive_training(out: Path, overrides: list[str]) -> None:
             setattr(runtime, name, hooked)
 
         wrap("batch_to_device")
+        wrap("to_device")  # the tensor pipeline sends its uint8 images and plans itself
         wrap("unscale_and_clip")
         wrap("mark_step", after=True)
         prepare_model = runtime.prepare_model
@@ -170,6 +172,42 @@ def drive_guard(out: Path) -> None:
     out.write_text(json.dumps(record))
 
 
+def drive_augment(out: Path) -> None:
+    """The tensor pipeline's augmentation on the XLA device (masked, gathers) against the eager CPU one
+    (grouped, grid_sample), batch after batch of different draws: the values, and the graphs it compiles."""
+    import torch
+    import torch_xla
+    import torch_xla.debug.metrics as met
+    from torch.utils.data import default_collate
+
+    from mambaout.data import augment, fidelity
+    from mambaout.data.plan import SamplePlanner
+    from mambaout.data.tensor_pipeline import crop_resize_flip, on_the_host
+
+    device = torch_xla.device()
+    planner = SamplePlanner(32, rand_augment="rand-m9-mstd0.5-inc1", random_erase_prob=0.5,
+                            random_erase_mode="pixel", random_erase_count=2, crop_scale=(0.08, 1.0),
+                            crop_ratio=(3 / 4, 4 / 3), hflip=0.5, interpolation="random", mean=(0.485, 0.456, 0.406))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    eager = augment.Augmenter(mean, std, planner.fill, "pixel")
+    masked = augment.Augmenter(mean, std, planner.fill, "pixel", fixed_shapes=True)
+    sources = [fidelity.to_tensor(photo) for photo in fidelity.sample_photos(16, 64)]
+    record: dict = {"grey_levels": [], "compilations": []}
+    for batch_index in range(4):
+        items = []
+        for i, source in enumerate(sources):
+            crop, plan = planner.draw(1000 * batch_index + i, source.shape[-1], source.shape[-2])
+            items.append({"image": crop_resize_flip(source, crop.tolist(), 32), "plan": plan})
+        batch = default_collate(items)
+        reference = eager(batch["image"].clone(), batch["plan"], on_the_host)
+        ours = masked(batch["image"].to(device), batch["plan"], lambda t: t.to(device))
+        torch_xla.sync()
+        record["grey_levels"].append(((ours.cpu() - reference).abs() * 255 * max(std)).max().item())
+        record["compilations"].append(int(met.metric_data("CompileTime")[0]))
+    record["fallbacks"] = [name for name in met.counter_names() if name.startswith("aten::")]
+    out.write_text(json.dumps(record))
+
+
 # --------------------------------------------------------------------------------------------------------
 # The tests (run in the pytest process)
 # --------------------------------------------------------------------------------------------------------
@@ -254,6 +292,12 @@ def runs(image_root, tmp_path_factory):
                                                       "--device", "xla", "--precision", "bf16"))
     runs.start("guard", lambda: (runs.python("guard", [__file__, "guard", str(runs.work / "guard.json")],
                                              xla_env(1)), json.loads((runs.work / "guard.json").read_text()))[1])
+    runs.start("augment", lambda: (runs.python("augment", [__file__, "augment", str(runs.work / "augment.json")],
+                                               xla_env(1)), json.loads((runs.work / "augment.json").read_text()))[1])
+    # The tensor pipeline, augmenting on the device: masked ops under SPMD, grouped ops on the eager CPU.
+    runs.start("tensor_spmd2", lambda: runs.train("tensor_spmd2", xla_env(2), **TENSOR_PIPELINE))
+    runs.start("tensor_eager", lambda: runs.train("tensor_eager", EAGER_ENV, **{"runtime.device": "cpu"},
+                                                  **TENSOR_PIPELINE))
     yield runs
     runs.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -322,7 +366,7 @@ def test_spmd_device_count_does_not_change_the_run(runs, devices):
     assert errors["loss_rel"] < 1e-4 and errors["weights_abs"] < 1e-4, errors
 
 
-@pytest.mark.parametrize("name", ["xla1", "spmd2", "spmd4"])
+@pytest.mark.parametrize("name", ["xla1", "spmd2", "spmd4", "tensor_spmd2"])
 def test_compilations_stop_growing_and_nothing_is_read_inside_a_step(runs, name):
     """Every graph is compiled within the first two optimizer steps and the first evaluation: the third step,
     the second epoch and the second evaluation compile nothing. Between taking a batch and cutting the
@@ -332,7 +376,7 @@ def test_compilations_stop_growing_and_nothing_is_read_inside_a_step(runs, name)
     assert [e["count"] for e in events if e["at"] == "eval_end"] == [VAL_IMAGES, VAL_IMAGES]
 
     for i, event in enumerate(events):
-        if event["at"] in ("batch_to_device:in", "unscale_and_clip:in"):
+        if event["at"] in ("batch_to_device:in", "to_device:in", "unscale_and_clip:in"):
             cut = next(e for e in events[i + 1:] if e["at"] == "mark_step:in")
             assert cut["transfers_to_host"] == event["transfers_to_host"], (name, i, event, cut)
 
@@ -345,6 +389,24 @@ def test_compilations_stop_growing_and_nothing_is_read_inside_a_step(runs, name)
           f"{first_eval['compilations']}, at the end {events[-1]['compilations']}")
     assert compiles[1] == compiles[2], compiles
     assert events[-1]["compilations"] == first_eval["compilations"], (compiles, first_eval, events[-1])
+
+
+def test_tensor_pipeline_augmentation_on_xla_equals_eager_in_one_graph(runs):
+    """RandAugment, erasing and normalisation of the tensor pipeline compiled for XLA: four batches of other
+    draws give the eager CPU's values (to one grey level) with the graph compiled once, and no op falls back to
+    the host (XLA has no grid_sample: the masked path samples with gathers)."""
+    record = runs.get("augment")
+    assert max(record["grey_levels"]) <= 1.0 + 1e-3, record
+    assert record["compilations"][0] == record["compilations"][-1] >= 1, record
+    assert record["fallbacks"] == [], record
+
+
+def test_tensor_pipeline_trains_the_eager_run_on_spmd(runs):
+    """Training with the tensor pipeline augmenting on the device: 2 SPMD devices (masked ops, one graph)
+    follow the eager CPU run (grouped ops) as closely as the timm pipeline's XLA run follows its eager one."""
+    difference = compare(runs.get("tensor_spmd2"), runs.get("tensor_eager"))
+    print(f"\ntensor pipeline, SPMD 2 vs eager CPU: {difference}")
+    assert difference["loss_rel"] < 1e-4 and difference["weights_abs"] < 1e-4, difference
 
 
 def test_validate_on_xla_counts_every_image_once(runs):
@@ -385,4 +447,5 @@ def test_nonfinite_step_is_skipped_on_the_device(runs):
 
 if __name__ == "__main__":
     mode, target = sys.argv[1], Path(sys.argv[2])
-    drive_training(target, sys.argv[3:]) if mode == "train" else drive_guard(target)
+    {"train": lambda: drive_training(target, sys.argv[3:]), "guard": lambda: drive_guard(target),
+     "augment": lambda: drive_augment(target)}[mode]()

@@ -108,10 +108,14 @@ class Runtime:
         torch.manual_seed(seed)  # seeds every CUDA device too
 
     # --- data -----------------------------------------------------------------------------------------
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch tensor (batch dimension first) on the device; under SPMD, sharded over the batch."""
+        return tensor.to(self.device, non_blocking=True)
+
     def batch_to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (in the model's memory format) and targets of a loader batch, on the device."""
-        images = batch["image"].to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return images, batch["target"].to(self.device, non_blocking=True)
+        images = self.to_device(batch["image"]).contiguous(memory_format=self.memory_format)
+        return images, self.to_device(batch["target"])
 
     def wrap_loader(self, loader: Any) -> Any:
         """Hook for device-side prefetching (XLA's MpDeviceLoader); eager devices use the loader as is."""

@@ -36,9 +36,10 @@ from .base import DistributedRuntimeError, Runtime
 
 log = logging.getLogger("mambaout")
 
-DEVICE_FIELDS = ("image", "target")
-"""Batch fields that go to the device; the others (index, bad) stay on the host, where the loop reads them
-without a device-to-host transfer."""
+DEVICE_FIELD_RANKS = (("image", 4), ("target", 1))
+DEVICE_FIELDS = tuple(field for field, _ in DEVICE_FIELD_RANKS)
+"""Batch fields that the loader sends to the device ahead of the step; the others (index, bad, a tensor
+pipeline's plans) stay on the host, where the loop reads them without a device-to-host transfer."""
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -69,7 +70,7 @@ class XlaRuntime(Runtime):
         self.rank, self.world_size = xr.process_index(), xr.process_count()  # processes = hosts
         self.memory_format = torch.contiguous_format  # XLA chooses layouts itself
         self.mesh = None
-        self._input_specs: dict[str, Any] | None = None
+        self._batch_specs: dict[int, Any] = {}  # tensor rank -> its sharding over the batch dimension
         self._owns_host_group = False
         self._pending_finite: torch.Tensor | None = None
         if not self.is_main:  # worker 0 alone reports progress; every host still shows warnings and errors
@@ -105,16 +106,21 @@ class XlaRuntime(Runtime):
         devices = self._xr.global_runtime_device_count()
         self.mesh = xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
         xs.set_global_mesh(self.mesh)
-        # Each host loads only its own micro-batches: with several hosts the global batch is assembled
-        # from the hosts' parts (minibatch) in process order, host h holding 'data' rows of its devices.
-        minibatch = self.world_size > 1
-        # A 1-d spec needs a 1-d view of the mesh (the same devices in the same order): torch_xla 2.9 cannot
-        # send a 1-d tensor with a spec that leaves the 'model' axis out.
-        data_axis = xs.Mesh(np.arange(devices), (devices,), ("data",))
-        self._input_specs = {
-            "image": xs.ShardingSpec(self.mesh, ("data", None, None, None), minibatch=minibatch),
-            "target": xs.ShardingSpec(data_axis, ("data",), minibatch=minibatch),
-        }
+
+    def _batch_spec(self, rank: int) -> Any:
+        """The sharding of a batch tensor of ``rank`` dimensions: its first dimension over ``'data'``."""
+        if rank not in self._batch_specs:
+            import torch_xla.distributed.spmd as xs
+
+            devices = self._xr.global_runtime_device_count()
+            # A 1-d spec needs a 1-d view of the mesh (the same devices in the same order): torch_xla 2.9 cannot
+            # send a 1-d tensor with a spec that leaves the 'model' axis out.
+            mesh = xs.Mesh(np.arange(devices), (devices,), ("data",)) if rank == 1 else self.mesh
+            # Each host loads only its own micro-batches: with several hosts the global batch is assembled
+            # from the hosts' parts (minibatch) in process order, host h holding 'data' rows of its devices.
+            self._batch_specs[rank] = xs.ShardingSpec(mesh, ("data",) + (None,) * (rank - 1),
+                                                      minibatch=self.world_size > 1)
+        return self._batch_specs[rank]
 
     def _init_host_group(self, timeout_s: int) -> None:
         """A gloo group between the hosts for the few host-side collectives (objects, flags, barrier)."""
@@ -205,14 +211,10 @@ class XlaRuntime(Runtime):
             return loader
         return _DeviceLoader(loader, self)
 
-    def batch_to_device(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = batch["image"], batch["target"]
-        if images.device.type != "xla":  # a batch that did not come through wrap_loader
-            images, targets = self._to_device(images, "image"), self._to_device(targets, "target")
-        return images, targets
-
-    def _to_device(self, tensor: torch.Tensor, field: str) -> torch.Tensor:
-        spec = self._input_specs[field] if self._input_specs is not None else None
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "xla":  # sent ahead by wrap_loader
+            return tensor
+        spec = self._batch_spec(tensor.dim()) if self.spmd else None
         return self._xm.send_cpu_data_to_device(tensor, self.device, spec)[0]
 
     # --- collectives ----------------------------------------------------------------------------------
@@ -321,7 +323,7 @@ class _DeviceLoader:
         for batch in self.loader:
             batch = dict(batch)
             for field in DEVICE_FIELDS:
-                batch[field] = runtime._to_device(batch[field], field)
+                batch[field] = runtime.to_device(batch[field])
             yield batch
 
     def _prefetched(self) -> Iterator[dict[str, Any]]:
@@ -329,7 +331,9 @@ class _DeviceLoader:
 
         host_parts: collections.deque = collections.deque()  # FIFO: one transfer thread keeps the order
         device_parts = _DeviceFields(self.loader, host_parts)
-        kwargs = {"input_sharding": self.runtime._input_specs} if self.runtime._input_specs else {}
+        kwargs = {}
+        if self.runtime.spmd:
+            kwargs["input_sharding"] = {field: self.runtime._batch_spec(rank) for field, rank in DEVICE_FIELD_RANKS}
         parallel = pl.ParallelLoader(device_parts, [self.runtime.device], **kwargs)
         try:
             for device_batch in parallel.per_device_loader(self.runtime.device):
