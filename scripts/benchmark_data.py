@@ -59,18 +59,21 @@ def make_jpegs(out: Path, baseline: int = 50, progressive: int = 20, seed: int =
     print(f"wrote {baseline} baseline and {progressive} progressive JPEGs to {out}")
 
 
-def _recipe():
+CONFIG = REPO / "configs" / "_recipe.yaml"
+
+
+def _config(path: str | Path = CONFIG):
     from mambaout.config import load_config
 
-    return load_config(REPO / "configs" / "_recipe.yaml")
+    return load_config(path)
 
 
-def _stages(names: list[str]) -> dict:
+def _stages(names: list[str], config: str | Path = CONFIG) -> dict:
     """The training stage of each measured pipeline, built as training builds it: what a DataLoader worker
     runs is the stage's reader on each sample, then its collate on the batch."""
     from mambaout.data.pipeline import Stage, build_pipeline
 
-    cfg = _recipe()
+    cfg = _config(config)
 
     def stage(name: str, augment_on: str, device: str = "cpu") -> Stage:
         cfg.data.pipeline, cfg.data.augment_on = name, augment_on
@@ -101,12 +104,13 @@ def _worker_batches(stage, files: list[str], batch_size: int, epoch: int) -> Non
         collate(items)
 
 
-def _measure_core(names: list[str], files: list[str], rounds: int, batch_size: int, barrier, results) -> None:
+def _measure_core(names: list[str], files: list[str], rounds: int, batch_size: int, config: str, barrier,
+                  results) -> None:
     """One core: every round runs each pipeline over all files, in step with the other cores."""
     import torch
 
     torch.set_num_threads(1)
-    stages = _stages(names)
+    stages = _stages(names, config)
     for stage in stages.values():  # warm-up: caches, lazy imports, the erasing noise table
         _worker_batches(stage, files[:batch_size], batch_size, epoch=-1)
     rates: dict[str, list[float]] = {name: [] for name in names}
@@ -119,11 +123,12 @@ def _measure_core(names: list[str], files: list[str], rounds: int, batch_size: i
     results.put(rates)
 
 
-def per_core_rates(names: list[str], files: list[str], cores: int, rounds: int, batch_size: int
+def per_core_rates(names: list[str], files: list[str], cores: int, rounds: int, batch_size: int, config: str
                    ) -> dict[str, float]:
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(cores), context.Queue()
-    processes = [context.Process(target=_measure_core, args=(names, files, rounds, batch_size, barrier, results))
+    processes = [context.Process(target=_measure_core,
+                                 args=(names, files, rounds, batch_size, str(config), barrier, results))
                  for _ in range(cores)]
     for process in processes:
         process.start()
@@ -168,6 +173,8 @@ def main() -> int:
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="processes, one per core (default all)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--batch-size", type=int, default=32, help="samples a worker collates at once (default 32)")
+    parser.add_argument("--config", default=str(CONFIG),
+                        help="the augmentation and image size to measure (default: the recipe, 224 px)")
     parser.add_argument("--limit", type=int, default=0, help="use only the first N files")
     args = parser.parse_args()
     if args.make_jpegs:
@@ -187,9 +194,10 @@ def main() -> int:
     names = args.pipelines or ["timm", "tensor", "tensor (host part)", *(["nvjpeg"] if gpu else [])]
     if "timm" not in names:
         names.insert(0, "timm")
-    print(f"{len(files)} files, {args.cores} core(s), {args.rounds} rounds, recipe augmentation at 224 px",
-          flush=True)
-    rates = per_core_rates(names, files, args.cores, args.rounds, args.batch_size)
+    size = _config(args.config).data.img_size
+    print(f"{len(files)} files, {args.cores} core(s), {args.rounds} rounds, the augmentation of {args.config} at "
+          f"{size} px", flush=True)
+    rates = per_core_rates(names, files, args.cores, args.rounds, args.batch_size, args.config)
     for name in names:
         print(f"{name}: {rates[name]:.1f} img/s per core, {rates[name] / rates['timm']:.2f}x timm")
     if "nvjpeg" in names:

@@ -16,6 +16,7 @@ the choice between workers and device changes a pixel (on one device type: bit f
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Sequence
 
@@ -185,17 +186,22 @@ def _sample_by_gathers(values: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor,
     return result
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """``(x + 0.5, y + 0.5, 1)`` of every output pixel, ``[h * w, 3]``."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
+                            torch.arange(w, dtype=torch.float32, device=device) + 0.5, indexing="ij")
+    return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(h * w, 3)
+
+
 def _source_grid(matrix: torch.Tensor, h: int, w: int, device: torch.device) -> torch.Tensor:
     """``grid_sample``'s normalised input positions ``[n, h, w, 2]`` for PIL's inverse affine ``matrix``
-    (output pixel centre ``(x + 0.5, y + 0.5)`` -> input position), built from its row and column parts."""
-    n = matrix.shape[0]
-    xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
-    ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
-    grid = torch.empty(n, h, w, 2, device=device)
-    for axis, (scale, first) in enumerate(((2 / w, 0), (2 / h, 3))):
-        a, b, c = (matrix[:, first + k:first + k + 1] for k in range(3))
-        torch.add((a * xs * scale).unsqueeze(1), ((b * ys + c) * scale - 1).unsqueeze(2), out=grid[..., axis])
-    return grid
+    (output pixel centre ``(x + 0.5, y + 0.5)`` -> input position): one product with the pixel centres, the
+    normalisation to [-1, 1] folded into the matrix."""
+    scale = torch.tensor([2 / w, 2 / h], device=device).reshape(1, 2, 1)
+    normalised = matrix.reshape(-1, 2, 3) * scale
+    normalised[:, :, 2] -= 1
+    return (_pixel_centres(h, w, device) @ normalised.transpose(1, 2)).reshape(-1, h, w, 2)
 
 
 def _resampled(sampled: torch.Tensor, inside: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:

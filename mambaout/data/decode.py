@@ -40,9 +40,9 @@ def is_jpeg(data: torch.Tensor) -> bool:
 
 def pil_rgb(data: torch.Tensor) -> torch.Tensor:
     """PIL's decoding and RGB conversion (what timm's pipeline sees), as uint8 ``[3, h, w]``."""
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
-        rgb = np.asarray(image.convert("RGB"))  # decodes fully: truncated files fail here
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+    with Image.open(io.BytesIO(data.numpy())) as image:
+        rgb = np.array(image.convert("RGB"))  # decodes fully: truncated files fail here
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def decode_rgb(data: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def jpeg_header(data: torch.Tensor) -> tuple[int, int] | None:
     None for other files (decoded on the CPU instead). Raises on a header PIL cannot parse."""
     if not is_jpeg(data):
         return None
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as image:  # reads the header, not the pixels
+    with Image.open(io.BytesIO(data.numpy())) as image:  # reads the header, not the pixels
         return image.size if image.mode in ("RGB", "L") else None
 
 

@@ -26,7 +26,8 @@ from .datasets import PilReader, SampleReader
 from .nvjpeg_pipeline import (NvjpegEvalReader, NvjpegTrainReader, collate, decode_crop_augment,
                               decode_resize_normalize)
 from .plan import SamplePlanner, UnsupportedAugmentation
-from .tensor_pipeline import TensorEvalReader, TensorTrainReader, augment_on_device, normalize_on_device
+from .tensor_pipeline import (TensorEvalReader, TensorTrainReader, augment_in_collate, augment_on_device,
+                              normalize_on_device)
 from .transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger("mambaout")
@@ -113,8 +114,8 @@ def build_pipeline(cfg: Config, device: str, fixed_shapes: bool = False) -> Pipe
                         Stage(NvjpegTrainReader(planner), decode_crop_augment(on_device, planner.img_size), collate),
                         Stage(NvjpegEvalReader(size), decode_resize_normalize(on_device, size, crop_pct, interpolation),
                               collate))
-    if augment_on == "workers":  # one sample at a time, on the worker's CPU: grouped
-        train = Stage(TensorTrainReader(planner, augmenter(masked=False)))
+    if augment_on == "workers":  # each worker augments the batch it collates, on its CPU: grouped
+        train = Stage(TensorTrainReader(planner), collate=augment_in_collate(augmenter(masked=False)))
     else:
         train = Stage(TensorTrainReader(planner), augment_on_device(on_device))
     return Pipeline(name, augment_on, train, Stage(evaluation, normalize_on_device(on_device)))

@@ -200,12 +200,17 @@ class SamplePlanner:
         top, left, crop_h, crop_w = self._crop_box(rng, width, height)
         interpolation = INTERPOLATIONS.index(rng.choice(self.interpolations))
         flip = rng.random() < self.hflip
-        crop = torch.tensor([top, left, crop_h, crop_w, interpolation, flip], dtype=torch.int64)
         ops, args, affine, names = self._rand_augment(rng)
-        plan = {"ops": torch.tensor(ops, dtype=torch.int64), "args": torch.tensor(args, dtype=torch.float32),
-                "affine": torch.tensor(affine, dtype=torch.float32).reshape(self.num_layers, 6),
-                "erase": torch.tensor(self._erase_boxes(rng), dtype=torch.int64).reshape(self.erase_count, 4),
-                "noise": torch.tensor(rng.getrandbits(NOISE_TABLE_BITS), dtype=torch.int64)}
+        erase = self._erase_boxes(rng)
+        # two tensors, cut into views: building each field alone costs more than drawing all of them
+        integers = torch.tensor([top, left, crop_h, crop_w, interpolation, flip, *ops, *erase,
+                                 rng.getrandbits(NOISE_TABLE_BITS)], dtype=torch.int64)
+        floats = torch.tensor([*args, *affine], dtype=torch.float32)
+        layers, boxes = self.num_layers, self.erase_count
+        crop, ops_t, erase_t, noise = integers.split([6, layers, 4 * boxes, 1])
+        args_t, affine_t = floats.split([layers, 6 * layers])
+        plan = {"ops": ops_t, "args": args_t, "affine": affine_t.view(layers, 6), "erase": erase_t.view(boxes, 4),
+                "noise": noise.view(())}
         return crop, plan, names
 
     def _crop_box(self, rng: random.Random, width: int, height: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The checks that need an NVIDIA GPU, in one command, ending with one summary table.
+#
+#   bash scripts/gpu_check.sh            # from the repository root, on a machine with a CUDA GPU
+#
+# Runs on the machine's own python3 (torch, torchvision and timm preinstalled, no registry needed): no venv,
+# the repository on PYTHONPATH; a check whose optional package is missing is skipped with a note. Carry the
+# pinned timm as a wheel when the machine's differs (README, "GPU check"). What it runs, each with its time:
+#   1. the tests marked `cuda` (nvJPEG decoding against the CPU's, the device augmentation against the CPU's);
+#   2. the input pipelines on ImageNet-sized JPEGs: per CPU core (timm, tensor, its host part, nvjpeg's
+#      workers) and the GPU part of nvjpeg (decode + crop + augment) in img/s (goal: >= 5k img/s on an H200).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT_DIR=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT_DIR"
+declare -a rows=()
+
+check() {  # check NAME COMMAND...: runs it, logs to $OUT_DIR/NAME.log, records status, time and its last line
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" >"$OUT_DIR/$name.log" 2>&1
+  local status=$?
+  local last
+  last=$(grep -v '^\s*$' "$OUT_DIR/$name.log" | tail -n 1 | cut -c1-110)
+  rows+=("$(printf '| %-22s | %-4s | %4ss | %s |' "$name" "$([ $status -eq 0 ] && echo ok || echo FAIL)" \
+    $((SECONDS - start)) "$last")")
+  echo "== $name: status $status"
+}
+
+"$PYTHON" - <<'PY' | tee "$OUT_DIR/environment.log"
+import torch, torchvision, timm
+print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+      f"CUDA {torch.version.cuda}, GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+if not timm.__version__.startswith("1.0."):
+    print(f"note: timm {timm.__version__} is outside the pinned range (>=1.0.31,<1.1); carry the pinned wheel")
+PY
+
+check cuda-tests "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_pipelines.py
+if "$PYTHON" -c "import sklearn" 2>/dev/null; then
+  check make-jpegs "$PYTHON" scripts/benchmark_data.py --make-jpegs "$OUT_DIR/jpegs"
+  check data-pipelines "$PYTHON" scripts/benchmark_data.py --data "$OUT_DIR/jpegs" --cores 4 --rounds 3
+else
+  rows+=("| data-pipelines         | skip |    0s | scikit-learn (its sample photos make the JPEGs) is missing |")
+fi
+
+echo
+echo "| check | status | time | last line |"
+echo "|---|---|---|---|"
+printf '%s\n' "${rows[@]}"
+echo
+echo "data pipelines:"
+grep -E "img/s" "$OUT_DIR/data-pipelines.log" 2>/dev/null
