@@ -188,10 +188,11 @@ def _sample_by_gathers(values: torch.Tensor, ix: torch.Tensor, iy: torch.Tensor,
 
 @functools.lru_cache(maxsize=8)
 def _pixel_centres(h: int, w: int, device: torch.device) -> torch.Tensor:
-    """``(x + 0.5, y + 0.5, 1)`` of every output pixel, ``[h * w, 3]``."""
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device) + 0.5,
-                            torch.arange(w, dtype=torch.float32, device=device) + 0.5, indexing="ij")
-    return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(h * w, 3)
+    """``(x + 0.5, y + 0.5, 1)`` of every output pixel, ``[h * w, 3]``: computed on the CPU and copied, so that
+    on XLA the cached tensor is device data from the first graph on (not ops of the first graph only)."""
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5,
+                            indexing="ij")
+    return torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(h * w, 3).to(device)
 
 
 def _source_grid(matrix: torch.Tensor, h: int, w: int, device: torch.device) -> torch.Tensor:
