@@ -175,7 +175,6 @@ def drive_guard(out: Path) -> None:
 def drive_augment(out: Path) -> None:
     """The tensor pipeline's augmentation on the XLA device (masked, gathers) against the eager CPU one
     (grouped, grid_sample), batch after batch of different draws: the values, and the graphs it compiles."""
-    import torch
     import torch_xla
     import torch_xla.debug.metrics as met
     from torch.utils.data import default_collate

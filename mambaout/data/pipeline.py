@@ -32,9 +32,6 @@ from .transforms import build_eval_transform, build_train_transform
 
 log = logging.getLogger("mambaout")
 
-PIPELINES = ("auto", "timm", "tensor", "nvjpeg")
-AUGMENT_ON = ("auto", "device", "workers")
-
 Finish = Callable[[dict[str, Any], Any], tuple[torch.Tensor, torch.Tensor]]
 
 

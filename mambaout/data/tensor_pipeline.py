@@ -8,7 +8,7 @@ side to ``eval.img_size / eval.crop_pct`` and centre-crops in the workers, and n
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -19,7 +19,6 @@ from .decode import decode_rgb, read_bytes
 from .plan import INTERPOLATIONS, NO_OP, SamplePlanner, UnsupportedAugmentation
 
 _MODES = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
-ToDevice = Callable[[torch.Tensor], torch.Tensor]
 
 
 def crop_resize_flip(image: torch.Tensor, crop: list[int], size: int) -> torch.Tensor:
