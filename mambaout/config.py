@@ -175,6 +175,10 @@ class RuntimeConfig:
     """The backend the run executes on."""
     device: Literal["auto", "cpu", "cuda", "xla"] = _key("auto", "Backend; 'auto' = the available accelerator.")
     dist_timeout_s: int = _key(1800, "Timeout of distributed collectives, in seconds.", POSITIVE)
+    deterministic: bool = _key(
+        False, "Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic and not autotuned), "
+        "so a resumed run is bit-identical on GPUs too, at a speed cost that scripts/gpu_check.sh measures; the "
+        "recipes set true. XLA ignores it.")
 
 
 @dataclass

@@ -1,16 +1,22 @@
-"""The run folder: what produced a run (config, manifest) and what it measured (metrics, TensorBoard).
+"""The run folder: what produced a run (config, manifest) and what it measured (metrics, TensorBoard), and the
+lock that keeps it to one training job.
 
-Only the main process writes; on other ranks a ``RunFolder`` is inert, so callers never branch on rank.
+Only the main process writes; on other ranks a ``RunFolder`` and a ``RunLock`` are inert, so callers never branch
+on rank.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +26,18 @@ import torch
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5", "ema_top1", "img_per_s",
                  "epoch_seconds", "bad_images", "nonfinite_skips")
 STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s")
+LOCK_FILE = "run.lock"
+_HELD_HERE: set[str] = set()  # ids of the locks this process holds
+
+log = logging.getLogger("mambaout")
 
 
 class RunFolderError(RuntimeError):
     pass
+
+
+class RunInUseError(RunFolderError):
+    """Another training job holds the run folder; the message names it and the ways out."""
 
 
 def git_state(repo_dir: Path) -> dict[str, Any]:
@@ -75,7 +89,7 @@ class RunFolder:
         self._purge_step: int | None = None
         if not enabled:
             return
-        if not resume and self.path.exists() and any(self.path.iterdir()):
+        if not resume and holds_a_run(self.path):
             raise RunFolderError(
                 f"train.output_dir '{self.path}' already holds a run that cannot be continued with this config "
                 "and options; a run folder is never overwritten. Pass another train.output_dir=..., or continue "
@@ -143,6 +157,162 @@ class RunFolder:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def holds_a_run(path: Path) -> bool:
+    """Whether folder ``path`` holds anything but the lock of the job that has just taken it."""
+    return path.exists() and any(entry.name != LOCK_FILE for entry in path.iterdir())
+
+
+class RunLock:
+    """One training job per run folder: ``with RunLock(folder, enabled=is_main):`` holds ``run.lock`` (host, pid,
+    start time as JSON) from before anything in the folder is read or written until the run ends, however it ends.
+
+    The file is created with O_EXCL, atomic on local filesystems and NFSv3+. A lock of this host is stale, and
+    taken over with a notice, once its process is gone; a live one is never displaced. A host cannot see another's
+    processes, so the holder touches its lock every ``REFRESH_S`` (a daemon thread), and a lock of another host
+    that has not been touched for ``STALE_S`` is stale: its node crashed.
+    """
+
+    REFRESH_S = 30.0
+    STALE_S = 600.0
+
+    def __init__(self, folder: str | Path, *, enabled: bool) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.enabled = enabled
+        # host and pid name the holder for people; the id tells this lock from a successor's, even in one process
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(),
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "id": secrets.token_hex(8)}
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self._made_folder = False
+
+    def __enter__(self) -> RunLock:
+        if self.enabled:
+            self._acquire()
+            _HELD_HERE.add(self.owner["id"])
+            self._refresher = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
+            self._refresher.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._refresher is None:
+            return
+        self._stop.set()
+        self._refresher.join()
+        _HELD_HERE.discard(self.owner["id"])
+        if not self._ours():  # a lock taken over meanwhile belongs to its new holder
+            return
+        self.path.unlink(missing_ok=True)
+        if self._made_folder:
+            with contextlib.suppress(OSError):  # only while empty: a run that failed at start leaves nothing
+                self.path.parent.rmdir()
+
+    def _acquire(self) -> None:
+        self._made_folder = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while not self._create():
+            found = self._read()
+            if found is None:
+                continue  # released since our attempt: try again
+            holder, age_s = found
+            why = self._stale(holder, age_s)
+            if why is None:
+                raise RunInUseError(self._in_use(holder, age_s))
+            log.warning("%s: taking over the lock of %s: %s", self.path, _holder_name(holder), why)
+            tmp = self.path.with_name(f".{LOCK_FILE}.{self.owner['id']}")
+            tmp.write_text(json.dumps(self.owner))
+            os.replace(tmp, self.path)
+            if self._ours():
+                return
+            # another job took it over at the same moment: the next round finds its fresh lock and refuses
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(self.owner))
+        return True
+
+    def _read(self) -> tuple[dict[str, Any], float] | None:
+        """The holder ({} while unreadable: being written, or damaged) and the seconds since it touched the lock;
+        None when there is no lock."""
+        try:
+            text, touched = self.path.read_text(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        return holder if isinstance(holder, dict) else {}, time.time() - touched
+
+    def _ours(self) -> bool:
+        found = self._read()
+        return found is not None and found[0].get("id") == self.owner["id"]
+
+    def _stale(self, holder: dict[str, Any], age_s: float) -> str | None:
+        """Why the lock's holder is gone, or None while it may be alive."""
+        if not self._foreign(holder):
+            pid = holder.get("pid")
+            if pid == os.getpid() and holder.get("id") not in _HELD_HERE:
+                # a restarted container gives its processes the pids of the last life, this one's included
+                return f"its pid {pid} is this process's now"
+            return None if _process_alive(pid) else f"its process {pid} no longer runs on this host"
+        if age_s > self.STALE_S:
+            return f"it was not refreshed for {age_s / 60:.0f} minutes"
+        return None
+
+    def _foreign(self, holder: dict[str, Any]) -> bool:
+        return holder.get("host") != self.owner["host"]
+
+    def _in_use(self, holder: dict[str, Any], age_s: float) -> str:
+        later = (f" (a lock of another host not refreshed for {self.STALE_S / 60:.0f} minutes is taken over by the "
+                 "next run)" if self._foreign(holder) else "")
+        return (f"train.output_dir '{self.path.parent}' is in use by another training job, {_holder_name(holder)} "
+                f"(lock file {self.path}, refreshed {age_s:.0f} s ago); two jobs in one run folder would interleave "
+                "their checkpoints and logs. Wait for that job to end, stop it, or pass another "
+                f"train.output_dir=...; if that job is gone (e.g. with its node), delete {self.path}{later}.")
+
+    def _refresh(self) -> None:
+        """Touches the lock every REFRESH_S: the sign of life that jobs on other nodes look for."""
+        while not self._stop.wait(self.REFRESH_S):
+            try:
+                found = self._read()
+                if found is None or found[0].get("id") != self.owner["id"]:
+                    log.error("%s: this job no longer holds its run folder's lock (%s); another job may be "
+                              "writing there too: stop one of them", self.path,
+                              "deleted" if found is None else f"now {_holder_name(found[0])}")
+                    return
+                os.utime(self.path)
+            except OSError as error:  # a filesystem hiccup must not end the run; the next round tries again
+                log.warning("%s: could not refresh the lock: %s", self.path, error)
+
+
+def _holder_name(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "an unknown job (the lock file is empty or unreadable)"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+
+
+def _process_alive(pid: Any) -> bool:
+    """Whether process ``pid`` of this host runs. A zombie does not: a killed process stays one until its parent
+    reaps it, forever in a container whose init never does."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): the signal test stands
+        return True
+    return state != "Z"
 
 
 def _format(value: Any) -> str:

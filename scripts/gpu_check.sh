@@ -8,7 +8,9 @@
 # pinned timm as a wheel when the machine's differs (README, "GPU check"). What it runs, each with its time:
 #   1. the tests marked `cuda` (nvJPEG decoding against the CPU's, the device augmentation against the CPU's);
 #   2. the input pipelines on ImageNet-sized JPEGs: per CPU core (timm, tensor, its host part, nvjpeg's
-#      workers) and the GPU part of nvjpeg (decode + crop + augment) in img/s (goal: >= 5k img/s on an H200).
+#      workers) and the GPU part of nvjpeg (decode + crop + augment) in img/s (goal: >= 5k img/s on an H200);
+#   3. the speed cost of runtime.deterministic (the recipes' default): train.py's img/s on MambaOut-Small with
+#      synthetic images (no decoding, so the GPU sets the pace), deterministic kernels against torch's defaults.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -45,6 +47,26 @@ else
   rows+=("| data-pipelines         | skip |    0s | scikit-learn (its sample photos make the JPEGs) is missing |")
 fi
 
+for deterministic in true false; do  # the run folders are made anew: a second check would resume the first
+  rm -rf "$OUT_DIR/deterministic-$deterministic"
+  check "deterministic-$deterministic" "$PYTHON" train.py --config configs/mambaout_small.yaml \
+    data.format=synthetic data.synthetic_val_size=1024 data.num_workers=8 optim.global_batch_size=128 \
+    train.max_steps=60 train.log_interval=10 runtime.deterministic=$deterministic \
+    train.output_dir="$OUT_DIR/deterministic-$deterministic"
+done
+"$PYTHON" - "$OUT_DIR" >"$OUT_DIR/deterministic-cost.log" 2>&1 <<'PY'
+import csv, statistics, sys
+from pathlib import Path
+
+rates = {}
+for deterministic in ("true", "false"):
+    with open(Path(sys.argv[1]) / f"deterministic-{deterministic}" / "steps.csv") as f:
+        rows = list(csv.DictReader(f))[1:]  # the first interval holds the warm-up
+    rates[deterministic] = statistics.median(float(row["img_per_s"]) for row in rows)
+print(f"runtime.deterministic=true: {rates['true']:.0f} img/s, false: {rates['false']:.0f} img/s, "
+      f"cost {1 - rates['true'] / rates['false']:.1%}")
+PY
+
 echo
 echo "| check | status | time | last line |"
 echo "|---|---|---|---|"
@@ -52,3 +74,6 @@ printf '%s\n' "${rows[@]}"
 echo
 echo "data pipelines:"
 grep -E "img/s" "$OUT_DIR/data-pipelines.log" 2>/dev/null
+echo
+echo "deterministic kernels:"
+tail -n 1 "$OUT_DIR/deterministic-cost.log"

@@ -24,7 +24,9 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int = 1800) -> Runtime:
+def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int = 1800,
+                   deterministic: bool = False) -> Runtime:
+    """``deterministic`` selects deterministic kernels on cpu and cuda (``TorchRuntime``); XLA ignores it."""
     kind = resolve_device(device)
     if kind == "xla":
         if importlib.util.find_spec("torch_xla") is None:
@@ -37,7 +39,7 @@ def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int
         raise ConfigError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"runtime.device must be one of {DEVICES}, got {device!r}")
-    return TorchRuntime(kind, precision, timeout_s)
+    return TorchRuntime(kind, precision, timeout_s, deterministic)
 
 
 __all__ = ["DEVICES", "DistributedRuntimeError", "Runtime", "TorchRuntime", "create_runtime", "resolve_device"]

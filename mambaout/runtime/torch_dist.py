@@ -60,12 +60,26 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def select_kernels(deterministic: bool) -> None:
+    """Deterministic kernels (``runtime.deterministic``), or torch's defaults, whatever this process had set."""
+    if deterministic:
+        # cuBLAS is bitwise reproducible only with a fixed workspace, read when its first handle is made; torch's
+        # deterministic mode refuses matmuls without one. A value the user set stands.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False  # autotuning picks convolution kernels by timing them
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+
+
 class TorchRuntime(Runtime):
     """``kind`` is "cpu" (gloo between processes) or "cuda" (NCCL, one GPU per process)."""
 
-    def __init__(self, kind: str, precision: str = "fp32", timeout_s: int = 1800) -> None:
+    def __init__(self, kind: str, precision: str = "fp32", timeout_s: int = 1800, deterministic: bool = False
+                 ) -> None:
         self.kind = kind
         self.timeout_s = timeout_s
+        self.deterministic = deterministic
+        select_kernels(deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.peers: list[dict[str, Any]] = []  # (host, device) of every rank, gathered at start
@@ -157,6 +171,7 @@ class TorchRuntime(Runtime):
             "device_names": sorted({peer["device"] for peer in self.peers}) or [info["device_name"]],
             "rendezvous": rendezvous_address() if dist.is_initialized() else None,
             "dist_timeout_s": self.timeout_s,
+            "deterministic": self.deterministic,
         })
         return info
 
