@@ -142,17 +142,20 @@ def train_one_epoch(
         accum_index = micro_step % accum_steps
         if accum_index == 0:
             schedule.set_step(state.step)
-        step_bad_images += int(batch["bad"].sum())  # a host tensor: no device sync
+        # counted on the device, sharded like the targets: summed over every process's or host's rows
+        step_bad_images = step_bad_images + runtime.to_device(batch["bad"]).sum()
         images, targets = prepare_batch(batch)
-        micro_ids = sampler.micro_indices(accum_index)
+        # the micro-batches this batch holds on the device: this process's, or under SPMD every host's
+        micro_ids = sampler.micro_indices(accum_index, runtime.batch_shard_ids)
         images, targets = mix_micro_batches(
             mixup, images, targets, [derive_seed(seed, "mix", state.step, m) for m in micro_ids])
-        runtime.seed_device_rng(derive_seed(seed, "drop", state.step, micro_ids[0]))
+        # stochastic depth and dropout decided per sample in the workers (no device generator)
+        model_inputs = {"drop_draws": runtime.to_device(batch["drop"])} if "drop" in batch else {}
 
         is_last = accum_index == accum_steps - 1
         with runtime.gradient_sync(model, enabled=is_last):
             with runtime.autocast():
-                loss = criterion(model(images), targets)
+                loss = criterion(model(images, **model_inputs), targets)
             runtime.backward(loss / accum_steps)
         micro_losses.append(loss.detach())
         runtime.mark_step()
@@ -174,7 +177,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         mean_loss = runtime.mean_across(step_loss)
-        bad_images = runtime.sum_across(torch.tensor(step_bad_images, device=runtime.device))
+        bad_images = runtime.sum_across(step_bad_images)
         runtime.after_step(_step_recorder(state, state.step, optimizer.param_groups[0]["lr"], log_interval,
                                           max_steps, clock, hooks.on_log), mean_loss, grad_norm, bad_images)
         micro_losses.clear()
@@ -260,8 +263,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], runtim
     """
     prepare_batch = prepare_batch or runtime.batch_to_device
     model.eval()
-    # correct@1, correct@5, loss sum, count: float64 so that the counts stay exact at any dataset size
-    totals = torch.zeros(4, dtype=torch.float64, device=runtime.device)
+    # correct@1, correct@5, count as integers (exact at any dataset size, also on TPUs, which have no float64)
+    counts = torch.zeros(3, dtype=torch.int64, device=runtime.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=runtime.device)
     bad_indices: list[int] = []
     predictions: list[tuple[int, int, list[int], list[float]]] = []
     for batch in runtime.wrap_loader(loader):
@@ -275,21 +279,18 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], runtim
         top_k = min(5, logits.shape[1])
         top_scores, top_classes = logits.softmax(dim=1).topk(top_k, dim=1)
         hits = top_classes == safe_targets[:, None]
-        totals += torch.stack([
-            (hits[:, 0] & valid).sum(),
-            (hits.any(dim=1) & valid).sum(),
-            (F.cross_entropy(logits, safe_targets, reduction="none") * valid).sum(),
-            valid.sum(),
-        ]).to(torch.float64)
+        counts += torch.stack([(hits[:, 0] & valid).sum(), (hits.any(dim=1) & valid).sum(), valid.sum()])
+        loss_sum += (F.cross_entropy(logits, safe_targets, reduction="none") * valid).sum().to(loss_sum.dtype)
         runtime.mark_step()
         if collect_predictions:
-            predictions += _rows(batch["index"], batch["target"], top_classes, top_scores)
+            predictions += _rows(batch["index"], batch["target"], runtime.host_rows(top_classes),
+                                 runtime.host_rows(top_scores))
         on_batch(len(images))
-    correct1, correct5, loss_sum, count = runtime.sum_across(totals).tolist()
+    correct1, correct5, count = runtime.sum_across(counts).tolist()
+    loss_sum = runtime.sum_across(loss_sum).item()
     bad_indices = sorted(i for part in runtime.gather_objects(bad_indices) for i in part)
     if collect_predictions:
         predictions = sorted(row for part in runtime.gather_objects(predictions) for row in part)
-    count = int(count)
     denominator = max(count, 1)
     return EvalResult(top1=100.0 * correct1 / denominator, top5=100.0 * correct5 / denominator,
                       loss=loss_sum / denominator, count=count, bad_indices=bad_indices,
@@ -297,6 +298,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, torch.Tensor]], runtim
 
 
 def _rows(indices, targets, classes, scores) -> list[tuple[int, int, list[int], list[float]]]:
-    """Per-image (index, target, top-k classes, top-k probabilities), padding rows dropped."""
-    classes, scores = classes.cpu().tolist(), scores.cpu().tolist()
+    """Per-image (index, target, top-k classes, top-k probabilities) of this process's images (host tensors),
+    padding rows dropped."""
+    if len(classes) != len(indices):
+        raise RuntimeError(f"{len(classes)} output rows for the {len(indices)} images of this process's batch")
+    classes, scores = classes.tolist(), scores.tolist()
     return [(i, t, c, s) for i, t, c, s in zip(indices.tolist(), targets.tolist(), classes, scores) if i >= 0]

@@ -9,7 +9,7 @@ import logging
 import signal
 import time
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,12 +21,12 @@ from .checkpoint import CheckpointFolder
 from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, load_config, to_yaml
 from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, dataset_fingerprint
 from .data.pipeline import Pipeline, Stage, build_pipeline
-from .data.sampling import derive_seed
+from .data.sampling import derive_seed, with_drop_draws
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
 from .optim import LrSchedule, create_optimizer
 from .runtime import Runtime, create_runtime
-from .tracking import Progress, RunFolder, build_manifest
+from .tracking import Progress, RunFolder, RunLock, build_manifest, holds_a_run
 from .validation import build_eval_dataset
 
 log = logging.getLogger("mambaout")
@@ -58,9 +58,12 @@ class TrainOutcome:
 def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
     """Trains as ``cfg`` says. ``resume``: "auto" (continue the checkpoint in the run folder, if any, when its
     config is compatible), "never", or the path of a checkpoint to continue from."""
-    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s)
-    with runtime.session():
+    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s,
+                             cfg.runtime.deterministic)
+    with runtime.session(), ExitStack() as held:
         derived = derive(cfg, runtime.num_shards)
+        # One job per run folder, from before anything in it is read for resuming or written until the end.
+        held.enter_context(RunLock(derived.output_dir, enabled=runtime.is_main))
         folder = CheckpointFolder(derived.output_dir, keep=cfg.train.keep_checkpoints)
         saved = _checkpoint_to_resume(folder, resume)
         runtime.assert_same("the step to resume from", saved and saved["train_state"]["step"])
@@ -83,6 +86,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                                  grad_checkpointing=cfg.model.grad_checkpointing)
         except ValueError as error:  # an unknown name, with the closest ones
             raise ConfigError(f"model.name: {error}") from None
+        drop_sites = _drop_sites(model, cfg)
         reuse_folder = saved is not None or (resume == "auto" and _same_config_without_checkpoint(folder, cfg))
         run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
         if saved is not None and runtime.is_main:
@@ -106,7 +110,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         schedule = LrSchedule(optimizer, epochs=cfg.sched.epochs, warmup_epochs=cfg.sched.warmup_epochs,
                               warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr,
                               steps_per_epoch=sampler.steps_per_epoch, per_step=cfg.sched.per_step)
-        train_loader = _loader(train_set, sampler, cfg.data.num_workers, runtime, pipeline.train)
+        train_loader = _loader(train_set, sampler, cfg.data.num_workers, runtime, pipeline.train, drop_sites)
         val_loader = _loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers, runtime,
                              pipeline.eval)
         prepare_train, prepare_eval = pipeline.train.prepare(runtime), pipeline.eval.prepare(runtime)
@@ -209,7 +213,7 @@ def _checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, An
     saved = checkpoint.load_training_checkpoint(resume)
     own_folder = Path(resume).resolve().parent
     own_folder = own_folder.parent if own_folder.name == "checkpoints" else own_folder
-    if folder.path.exists() and any(folder.path.iterdir()) and folder.path.resolve() != own_folder:
+    if holds_a_run(folder.path) and folder.path.resolve() != own_folder:
         raise ResumeError(f"--resume {resume}: train.output_dir={folder.path} already holds another run; continue "
                           f"in the checkpoint's own run folder ({own_folder}) or an empty train.output_dir")
     return saved
@@ -305,8 +309,26 @@ def _eval_sampler(num_samples: int, cfg: Config, runtime: Runtime) -> EvalBatchS
                             pad_to_full=runtime.fixed_shapes)
 
 
-def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime, stage: Stage) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=stage.collate,
+def _drop_sites(model, cfg: Config) -> int:
+    """How many keyed drop decisions each training sample carries (``with_drop_draws``): MambaOut takes them as
+    input; a timm architecture would draw its stochastic depth and dropout from the device's generator, which
+    differs between devices and breaks bit-exact resume, so it must train without them."""
+    sites = getattr(model, "num_drop_sites", None)
+    if sites is not None:
+        return sites
+    if cfg.model.drop_path_rate > 0 or cfg.model.head_dropout > 0:
+        raise ConfigError(
+            f"model.name={cfg.model.name} draws stochastic depth and dropout from the device's random generator, "
+            "so its runs would differ between devices and after a resume; set model.drop_path_rate=0 and "
+            "model.head_dropout=0, or train a MambaOut variant, whose drop decisions are keyed per sample")
+    return 0
+
+
+def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime, stage: Stage, drop_sites: int = 0
+            ) -> DataLoader:
+    """``drop_sites``: keyed drop decisions to add to each training batch (0: none)."""
+    collate = with_drop_draws(stage.collate, drop_sites) if drop_sites else stage.collate
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=runtime.device.type == "cuda", persistent_workers=num_workers > 0,
                       worker_init_fn=_leave_signals_to_the_main_process)
 

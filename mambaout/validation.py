@@ -56,7 +56,8 @@ class ValidationRequest:
 
 def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
     """Evaluates ``request.checkpoint`` as ``cfg`` says; returns (and reports) the summary."""
-    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s)
+    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s,
+                             cfg.runtime.deterministic)
     with runtime.session():
         weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
         pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)

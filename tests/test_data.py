@@ -35,6 +35,7 @@ from mambaout.data import (
     shard_indices,
 )
 from mambaout.data import transforms as data_transforms
+from mambaout.data.sampling import drop_draws, with_drop_draws
 
 REPO = Path(__file__).resolve().parents[1]
 IMG = 16  # output side of the test transforms
@@ -300,6 +301,9 @@ def test_dataset_errors_name_the_path_and_the_fix(tmp_path: Path) -> None:
 
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         build(tmp_path / "missing")
+    (tmp_path / "imagenet.tar").write_bytes(b"an archive, not the folder")
+    with pytest.raises(DatasetFormatError, match=r"imagenet.tar is a file, not a folder.*train/ and val/"):
+        build(tmp_path / "imagenet.tar")
     with pytest.raises(DatasetNotFoundError, match=r"val.*does not exist.*sub-folder"):
         build(tmp_path)
     (tmp_path / "val").mkdir()
@@ -422,3 +426,19 @@ def test_fixed_shape_mixup_equals_timm_mixup():
         mixed, soft = mixup_micro_batch(ours, images.clone(), targets, seed)
         expected_mixed, expected_soft = mixup_micro_batch(reference, images.clone(), targets, seed)
         assert torch.equal(mixed, expected_mixed) and torch.equal(soft, expected_soft), seed
+
+
+def test_drop_draws_are_a_function_of_the_sample_alone():
+    """A sample's drop decisions do not depend on the batch it is drawn in (order, company, size) and are
+    uniform in [0, 1): over 20,000 samples the fraction kept at keep = 0.9 and the mean are within 4 standard
+    errors, and neighbouring columns (blocks) are uncorrelated."""
+    seeds = [derive_seed(7, "sample", 0, index) for index in range(20_000)]
+    draws = drop_draws(seeds, 3)
+    assert draws.dtype == torch.float32 and 0 <= draws.min() and draws.max() < 1
+    assert torch.equal(drop_draws(seeds[5:2:-1], 3), draws[[5, 4, 3]])
+    assert torch.equal(with_drop_draws(None, 3)([{"sample_seed": seeds[9], "target": 1}])["drop"], draws[9:10])
+    n = len(seeds)
+    assert abs((draws < 0.9).double().mean() - 0.9) < 4 * (0.9 * 0.1 / n) ** 0.5
+    assert abs(draws.double().mean() - 0.5) < 4 * (1 / 12 / n) ** 0.5
+    correlation = torch.corrcoef(draws.T.double())[0, 1]
+    assert abs(correlation) < 4 / n ** 0.5

@@ -6,7 +6,8 @@ from timm.data import resolve_data_config
 
 from mambaout import create_model, list_models
 from mambaout.checkpoint import load_weights, save_weights, to_original_layout
-from mambaout.models.mambaout import PRETRAINED_CFGS, VARIANTS
+from mambaout.data.sampling import drop_draws
+from mambaout.models.mambaout import PRETRAINED_CFGS, VARIANTS, GatedConvBlock
 from mambaout.models.published import PUBLISHED
 
 # Noise (std) added to timm's init, so every parameter (LayerScale, norms, biases) shapes the logits.
@@ -96,20 +97,57 @@ def test_forward_head():
         assert model.forward_head(features).shape == (2, 10)
 
 
-def test_grad_checkpointing_gives_same_gradients():
+@pytest.mark.parametrize("keyed", [False, True])
+def test_grad_checkpointing_gives_same_gradients(keyed):
+    """Recomputed blocks drop the samples their first run dropped: keyed decisions are inputs; without them
+    torch's checkpoint replays the generator."""
     images = torch.randn(2, 3, 32, 32)
+    draws = drop_draws([5, 6], 18) if keyed else None
 
     def gradients(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
         model = create_model('mambaout_femto', drop_path_rate=0.2, grad_checkpointing=checkpointing)
         torch.manual_seed(1)  # the same drop-path draws, which checkpointing must replay
-        model(images).square().mean().backward()
+        model(images, drop_draws=draws).square().mean().backward()
         return {name: param.grad for name, param in model.named_parameters()}
 
     plain, checkpointed = gradients(False), gradients(True)
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_keyed_drop_decisions_follow_the_sample():
+    """With ``drop_draws`` a sample's stochastic depth and head dropout depend on its own draws only: not on the
+    batch it is in nor on any generator's state; the draws' columns are the blocks, then the head's features."""
+    model = create_model('mambaout_femto', num_classes=10, drop_path_rate=0.5, head_dropout=0.3).train()
+    assert model.num_drop_sites == 18 + 4 * 288
+    images, draws = torch.randn(4, 3, 32, 32), drop_draws([11, 12, 13, 14], model.num_drop_sites)
+    torch.manual_seed(0)
+    together = model(images, drop_draws=draws)
+    torch.manual_seed(1)
+    alone = torch.cat([model(images[i:i + 1], drop_draws=draws[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(model(images, drop_draws=drop_draws([1, 2, 3, 4], model.num_drop_sites)), together)
+    with pytest.raises(ValueError, match=r"\[batch, num_drop_sites\] = \[4, 1170\]"):
+        model(images, drop_draws=draws[:, :18])
+    assert create_model('mambaout_femto', drop_path_rate=0.0).num_drop_sites == 0  # nothing random: no draws
+
+
+def test_keyed_drop_path_is_inverted_dropout_with_an_fp32_scale():
+    """A block keeps the branch scaled by 1/keep where the draw is below keep (in fp32, also under bf16 autocast,
+    where timm's DropPath rounds 1/keep to bf16) and drops it elsewhere."""
+    block = GatedConvBlock(16, drop_path=0.3)
+    x = torch.randn(2, 5, 5, 16)
+    branch = block.eval()(x) - x
+    out = block.train()(x, torch.tensor([0.1, 0.8]))  # keep = 0.7: the first sample kept, the second dropped
+    torch.testing.assert_close(out[0], x[0] + branch[0] / 0.7)
+    assert torch.equal(out[1], x[1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kept = block(x, torch.tensor([0.1, 0.1])) - x
+        bf16_branch = block.eval()(x) - x
+    assert bf16_branch.dtype == torch.float32 and kept.dtype == torch.float32
+    torch.testing.assert_close(kept, bf16_branch * torch.tensor(1 / 0.7, dtype=torch.float32), rtol=0, atol=1e-6)
 
 
 def test_drop_path_rates_rise_linearly_over_all_blocks():

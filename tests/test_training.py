@@ -11,7 +11,7 @@ import yaml
 
 from conftest import tiny_overrides
 from mambaout.checkpoint import load_training_checkpoint
-from mambaout.config import load_config, to_yaml
+from mambaout.config import ConfigError, load_config, to_yaml
 from mambaout.optim import LrSchedule, create_optimizer
 from mambaout.tracking import RunFolderError
 from mambaout.trainer import train
@@ -67,12 +67,30 @@ def test_schedule_matches_hand_computed_values(per_step):
 
 
 def test_gradient_accumulation_equals_one_large_micro_batch(image_root, tmp_path):
-    """micro 4 x accumulation 2 and micro 8 x 1 take the same optimizer steps (mixing and drop path off)."""
-    common = {"aug.mixup_alpha": 0, "aug.cutmix_alpha": 0, "model.drop_path_rate": 0.0}
+    """micro 4 x accumulation 2 and micro 8 x 1 take the same optimizer steps (mixing off: it pairs samples within
+    a micro-batch; drop path on: its decisions belong to the samples)."""
+    common = {"aug.mixup_alpha": 0, "aug.cutmix_alpha": 0, "model.drop_path_rate": 0.3}
     _, split = run(image_root, tmp_path / "split", **common)
     _, whole = run(image_root, tmp_path / "whole", **common, **{"train.micro_batch_size": 8})
     assert split["train_state"]["step"] == whole["train_state"]["step"] == 3
     assert max_weight_difference(split["model"], whole["model"]) < 1e-6
+
+
+def test_gradient_checkpointing_does_not_change_the_run(image_root, tmp_path):
+    """Recomputed blocks drop what their first run dropped (drop path 0.3): the same weights within rounding."""
+    _, plain = run(image_root, tmp_path / "plain", **{"model.drop_path_rate": 0.3})
+    _, recomputed = run(image_root, tmp_path / "recomputed",
+                        **{"model.drop_path_rate": 0.3, "model.grad_checkpointing": True})
+    assert max_weight_difference(plain["model"], recomputed["model"]) < 1e-6
+
+
+def test_a_model_without_keyed_drop_decisions_trains_without_them(image_root, tmp_path):
+    """A timm architecture would draw drop path from the device's generator: refused, naming the keys to set."""
+    with pytest.raises(ConfigError, match=r"model.name=resnet18 .*set model.drop_path_rate=0 and model.head_dropout=0"):
+        run(image_root, tmp_path / "resnet", **{"model.name": "resnet18"})
+    _, state = run(image_root, tmp_path / "resnet_ok", **{"model.name": "resnet18", "model.drop_path_rate": 0.0,
+                                                           "train.max_steps": 1})
+    assert state["train_state"]["step"] == 1
 
 
 def test_worker_count_does_not_change_the_run(image_root, tmp_path):

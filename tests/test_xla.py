@@ -12,10 +12,9 @@ All subprocesses start, two at a time, when the first test asks for one. XLA's C
 LLVM optimisation level 0 here (``XLA_FLAGS``): a quarter of the compile time, the same HLO.
 
 The runs: femto on 32 px images, global batch 16 cut into micro-batches of 4, 6 optimizer steps over two
-epochs (three steps each) with an evaluation after each epoch. Mixup is on (its keyed draws are replayed
-on the device); CutMix and drop path are off: a CutMix box is a slice whose size changes every step (a new
-graph each time), and drop path draws from the device's generator, which differs between eager CPU and XLA
-(and, under SPMD, one forward covers several micro-batches, so its masks could not follow the 1-device run).
+epochs (three steps each) with an evaluation after each epoch. Mixup/CutMix (keyed draws, mixing weights as
+tensors: one graph for every draw) and drop path 0.1 (keyed decisions drawn in the data workers, the same on
+every device) are on, as in the recipe.
 """
 from __future__ import annotations
 
@@ -35,7 +34,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
 SETTINGS = {
-    "model.name": "mambaout_femto", "model.drop_path_rate": 0.0,
+    "model.name": "mambaout_femto", "model.drop_path_rate": 0.1,
     "data.img_size": 32, "data.num_workers": 0,
     "optim.global_batch_size": 16, "train.micro_batch_size": 4, "train.max_steps": STEPS,
     "optim.lr": 1e-4, "sched.epochs": 2, "sched.warmup_epochs": 0, "sched.cooldown_epochs": 0,
@@ -207,6 +206,38 @@ def drive_augment(out: Path) -> None:
     out.write_text(json.dumps(record))
 
 
+def drive_mixing(out: Path) -> None:
+    """Mixup/CutMix of one global batch under SPMD (2 devices, one micro-batch each, keyed by the ids of
+    ``batch_shard_ids``) against the eager mixing of each micro-batch alone, for draws that give Mixup, CutMix
+    and boxes of every size; and a host's rows of a sharded output read back from its own shards."""
+    import torch
+    import torch_xla.debug.metrics as met
+
+    from mambaout.data import MicroBatchSampler, build_mixup, derive_seed
+    from mambaout.engine import mix_micro_batches
+    from mambaout.runtime import create_runtime
+
+    runtime = create_runtime("xla")
+    sampler = MicroBatchSampler(64, 16, 4, runtime.num_shards, runtime.shard_ids, seed=0)
+    mixup = build_mixup(0.8, 1.0, 1.0, 0.5, "batch", 0.1, 10)
+    record: dict = {"differences": [], "compilations": [], "batch_shard_ids": runtime.batch_shard_ids}
+    for step in range(6):
+        seeds = [derive_seed(0, "mix", step, m) for m in sampler.micro_indices(1, runtime.batch_shard_ids)]
+        images, targets = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+        before = int(met.metric_data("CompileTime")[0]) if met.metric_data("CompileTime") else 0
+        mixed, soft = mix_micro_batches(mixup, runtime.to_device(images.clone()), runtime.to_device(targets), seeds)
+        runtime.mark_step()
+        # (reading a sharded tensor back compiles a gather each time: only the mixing's own graphs are counted)
+        record["compilations"].append(int(met.metric_data("CompileTime")[0]) - before)
+        expected_mixed, expected_soft = mix_micro_batches(mixup, images.clone(), targets, seeds)
+        record["differences"].append(max((mixed.cpu() - expected_mixed).abs().max().item(),
+                                         (soft.cpu() - expected_soft).abs().max().item()))
+    scores = runtime.to_device(torch.arange(24.0).reshape(8, 3))
+    record["host_rows"] = runtime.host_rows(scores.softmax(1).topk(2, dim=1)[1] + scores[:, :2].long()).tolist()
+    record["expected_rows"] = (torch.arange(24.0).reshape(8, 3)[:, :2].long() + torch.tensor([2, 1])).tolist()
+    out.write_text(json.dumps(record))
+
+
 # --------------------------------------------------------------------------------------------------------
 # The tests (run in the pytest process)
 # --------------------------------------------------------------------------------------------------------
@@ -291,6 +322,8 @@ def runs(image_root, tmp_path_factory):
                                                       "--device", "xla", "--precision", "bf16"))
     runs.start("guard", lambda: (runs.python("guard", [__file__, "guard", str(runs.work / "guard.json")],
                                              xla_env(1)), json.loads((runs.work / "guard.json").read_text()))[1])
+    runs.start("mixing", lambda: (runs.python("mixing", [__file__, "mixing", str(runs.work / "mixing.json")],
+                                              xla_env(2)), json.loads((runs.work / "mixing.json").read_text()))[1])
     runs.start("augment", lambda: (runs.python("augment", [__file__, "augment", str(runs.work / "augment.json")],
                                                xla_env(1)), json.loads((runs.work / "augment.json").read_text()))[1])
     # The tensor pipeline, augmenting on the device: masked ops under SPMD, grouped ops on the eager CPU.
@@ -355,14 +388,16 @@ def test_xla_matches_eager_cpu(runs):
 
 @pytest.mark.parametrize("devices", [2, 4])
 def test_spmd_device_count_does_not_change_the_run(runs, devices):
-    """2 and 4 XLA CPU devices under SPMD (accumulation 2 and 1) follow the 1-device run (accumulation 4)."""
+    """2 and 4 XLA CPU devices under SPMD (accumulation 2 and 1) follow the 1-device run (accumulation 4) and the
+    eager CPU run, drop path and CutMix on."""
     record = runs.get(f"spmd{devices}")
     runtime = record["runtime"]
     assert runtime["spmd"] and runtime["num_shards"] == devices and runtime["mesh"] == {"data": devices, "model": 1}
     assert f"accum_steps: {4 // devices}" in (record["dir"] / "config.yaml").read_text()
-    errors = compare(record, runs.get("xla1"))
-    print(f"\nspmd{devices} vs xla1: {errors}")
+    errors, errors_eager = compare(record, runs.get("xla1")), compare(record, runs.get("eager"))
+    print(f"\nspmd{devices} vs xla1: {errors}, vs eager CPU: {errors_eager}")
     assert errors["loss_rel"] < 1e-4 and errors["weights_abs"] < 1e-4, errors
+    assert errors_eager["loss_rel"] < 1e-4 and errors_eager["weights_abs"] < 1e-4, errors_eager
 
 
 @pytest.mark.parametrize("name", ["xla1", "spmd2", "spmd4", "tensor_spmd2"])
@@ -408,6 +443,17 @@ def test_tensor_pipeline_trains_the_eager_run_on_spmd(runs):
     assert difference["loss_rel"] < 1e-4 and difference["weights_abs"] < 1e-4, difference
 
 
+def test_spmd_mixes_the_global_batch_as_eager_mixes_each_micro_batch(runs):
+    """Image by image and target by target, the global batch mixed under SPMD equals the eager mixing of its
+    micro-batches; six draws (Mixup and CutMix, lam and boxes of all sizes) compile one graph; a host reads its
+    own rows of a sharded output."""
+    record = runs.get("mixing")
+    assert record["batch_shard_ids"] == [0, 1]
+    assert max(record["differences"]) <= 1e-6, record
+    assert record["compilations"][0] >= 1 and record["compilations"][1:] == [0] * 5, record
+    assert record["host_rows"] == record["expected_rows"]
+
+
 def test_validate_on_xla_counts_every_image_once(runs):
     """validate.py on 4 SPMD devices (one batch of 32 rows, 11 of them padding) reports what the eager run's
     last evaluation reported for the same weights; bf16 autocast counts the same images."""
@@ -447,4 +493,4 @@ def test_nonfinite_step_is_skipped_on_the_device(runs):
 if __name__ == "__main__":
     mode, target = sys.argv[1], Path(sys.argv[2])
     {"train": lambda: drive_training(target, sys.argv[3:]), "guard": lambda: drive_guard(target),
-     "augment": lambda: drive_augment(target)}[mode]()
+     "augment": lambda: drive_augment(target), "mixing": lambda: drive_mixing(target)}[mode]()

@@ -4,7 +4,7 @@ validation folder, and a synthetic dataset for benchmarks.
 Items are dicts ``{"image": Tensor, "target": int, "index": int, "bad": bool}`` (a pipeline's reader may put
 other fields in place of or beside ``image``). A dataset accepts an int index or the ``(index, sample_seed)``
 pairs of :class:`~mambaout.data.sampling.MicroBatchSampler`; with a seed, the augmentation is a pure function
-of it.
+of it, and the item carries it as ``sample_seed`` (the key of the sample's drop decisions).
 """
 from __future__ import annotations
 
@@ -151,7 +151,8 @@ class ImageDataset(Dataset[Item]):
         if loaded is None:
             return {**self.reader.blank(), "target": -1, "index": index, "bad": True}
         content, target, bad = loaded
-        return {**self.reader.prepare(content, sample_seed), "target": target, "index": index, "bad": bad}
+        return {**self.reader.prepare(content, sample_seed), "target": target, "index": index, "bad": bad,
+                **_seed_field(ref)}
 
     def _load(self, index: int) -> tuple[Any, int, bool] | None:
         """What the reader loaded for ``index``, or for its replacement; None when eval-mode masks it."""
@@ -196,7 +197,12 @@ class SyntheticDataset(Dataset[Item]):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, "synthetic", index))
         target = int(torch.randint(self.num_classes, (), generator=generator))
         image = torch.randn(shape, generator=generator)
-        return {"image": image, "target": target, "index": index, "bad": False}
+        return {"image": image, "target": target, "index": index, "bad": False, **_seed_field(ref)}
+
+
+def _seed_field(ref: SampleRef) -> dict[str, int]:
+    """A training item's ``sample_seed`` (the key of its drop decisions, ``with_drop_draws``); none in evaluation."""
+    return {"sample_seed": ref[1]} if isinstance(ref, tuple) else {}
 
 
 def _list_class_folder(split_dir: Path, class_dirs: list[str], classes: Sequence[str]) -> list[tuple[str, int]]:
@@ -301,6 +307,10 @@ def scan_split(root: str | os.PathLike, split: str,
     """
     root = Path(root)
     split_dir = root / split
+    if root.exists() and not root.is_dir():
+        raise DatasetFormatError(f"dataset root {root} is a file, not a folder; point the data path at the folder "
+                                 f"that holds the '{split}' split (e.g. the folder of train/ and val/, not an "
+                                 f"archive or an image inside it)")
     if not root.is_dir():
         raise DatasetNotFoundError(f"dataset root {root} does not exist; point the data path at the folder "
                                    f"that holds the '{split}' split")

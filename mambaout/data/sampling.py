@@ -11,11 +11,11 @@ import hashlib
 import json
 import operator
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
+from torch.utils.data import default_collate, get_worker_info
 
 PAD_INDEX = -1
 """Index of a padding row: datasets return a zero image with target -1 for it."""
@@ -113,6 +113,28 @@ def keyed_normal(key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)
 
 
+def drop_draws(sample_seeds: Sequence[int], num_sites: int) -> torch.Tensor:
+    """[len(sample_seeds), num_sites] float32 uniforms in [0, 1) (24 bits) that decide a sample's stochastic depth
+    and dropout: column ``c`` is ``keyed_bits`` of the sample's drop key and counter ``c``, so a sample is dropped
+    alike whatever batch, worker, process or device it lands on, and no generator state exists."""
+    keys = torch.tensor([derive_seed(seed, "drop") for seed in sample_seeds], dtype=torch.int64)
+    bits = keyed_bits(keys[:, None], torch.arange(num_sites, dtype=torch.int64))
+    return (bits >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def with_drop_draws(collate: Callable[[list[dict]], dict] | None, num_sites: int
+                    ) -> Callable[[list[dict]], dict]:
+    """``collate`` (torch's default when None) that adds each training sample's ``drop`` decisions
+    (:func:`drop_draws`) to the batch: drawn in the loader's workers, moved and sharded like the targets."""
+    collate = collate or default_collate
+
+    def collate_with_draws(items: list[dict]) -> dict:
+        batch = collate(items)
+        batch["drop"] = drop_draws(batch["sample_seed"].tolist(), num_sites)
+        return batch
+    return collate_with_draws
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -187,9 +209,10 @@ class MicroBatchSampler:
         self.epoch = epoch
         self.start_step = start_step
 
-    def micro_indices(self, accum_step: int) -> list[int]:
-        """Global micro-batch indices of the list yielded for ``accum_step``, in concatenation order."""
-        return [accum_step * self.num_shards + shard for shard in self.shard_ids]
+    def micro_indices(self, accum_step: int, shard_ids: Sequence[int] | None = None) -> list[int]:
+        """Global micro-batch indices of the list yielded for ``accum_step``, in concatenation order; with
+        ``shard_ids``, those of these shards instead of this sampler's."""
+        return [accum_step * self.num_shards + shard for shard in (self.shard_ids if shard_ids is None else shard_ids)]
 
     def epoch_order(self) -> torch.Tensor:
         """The sample order of the current epoch."""

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, auto_augment, create_transform
-from timm.data.mixup import cutmix_bbox_and_lam
+from timm.data.mixup import cutmix_bbox_and_lam, one_hot
 from torchvision import transforms as tv_transforms
 
 from .sampling import seeded_rngs
@@ -101,11 +101,14 @@ def build_mixup(mixup_alpha: float, cutmix_alpha: float, prob: float, switch_pro
 class FixedShapeMixup(Mixup):
     """timm's Mixup/CutMix (batch mode) computed as one fixed graph: ``where(box, flipped, blend)``.
 
-    The random draws are timm's and every pixel equals timm's result, but neither the CutMix box's size nor the
-    Mixup/CutMix choice changes the operations, so a compiled step (XLA) is built once, not once per draw.
+    The random draws are timm's and every pixel and target equals timm's result, but neither the CutMix box's size
+    nor the Mixup/CutMix choice nor lam changes the operations, so a compiled step (XLA) is built once, not once
+    per draw. The per-sample modes (``pair``, ``elem``) are timm's own.
     """
 
-    def _mix_batch(self, x: torch.Tensor) -> float:
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode != "batch":
+            return super().__call__(x, target)
         lam, use_cutmix = self._params_per_batch()
         box = torch.zeros(x.shape[-2:], dtype=torch.bool)
         blend = lam  # Mixup: every pixel blended; CutMix: the box pasted, the rest kept (blend 1)
@@ -114,12 +117,15 @@ class FixedShapeMixup(Mixup):
                 x.shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
             box[top:bottom, left:right] = True
             blend = 1.0
-        # Weights as tensors, not Python numbers: XLA bakes 0 and 1 into the graph as constants, which would
-        # make CutMix (blend 1) a second graph. Both are rounded from Python floats, exactly as timm's scalars.
-        weights = torch.tensor([blend, 1.0 - blend], dtype=x.dtype).to(x.device)
+        # Every weight a tensor, not a Python number: XLA bakes numbers into the graph as constants, so each lam
+        # (and CutMix's blend 1) would be a graph of its own. Each is rounded from its Python float, exactly as
+        # timm's scalars are.
+        weights = torch.tensor([blend, 1.0 - blend, lam, 1.0 - lam], dtype=torch.float32).to(x.device)
         flipped = x.flip(0)
         x.copy_(torch.where(box.to(x.device), flipped, x * weights[0] + flipped * weights[1]))
-        return lam
+        off_value = self.label_smoothing / self.num_classes
+        y = one_hot(target, self.num_classes, on_value=1.0 - self.label_smoothing + off_value, off_value=off_value)
+        return x, y * weights[2] + y.flip(0) * weights[3]
 
 
 def mixup_micro_batch(mixup: Mixup, images: torch.Tensor, targets: torch.Tensor,

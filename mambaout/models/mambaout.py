@@ -5,6 +5,10 @@ https://arxiv.org/abs/2405.07992
 Module and parameter names follow timm's ``mambaout_*`` models, so timm/hub weights load as they are and the
 original release converts by a fixed prefix table (``mambaout.checkpoint``). Activations are channels-last
 ``[B, H, W, C]`` between the stem and the head; only the convolutions see ``[B, C, H, W]`` views.
+
+Stochastic depth and head dropout take their decisions as an input in training (``drop_draws``: one uniform
+value per sample and drop site, drawn on the host from the sample's key, docs/DESIGN.md), so no device
+generator is involved; without it they draw like timm's DropPath/Dropout.
 """
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -151,7 +155,7 @@ class GatedConvBlock(nn.Module):
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, draw: torch.Tensor | None = None) -> torch.Tensor:
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
         y = self.norm(x)
         gate_i, gate_c, i, c = (F.linear(y, w1[start:stop], b1[start:stop])
@@ -161,7 +165,14 @@ class GatedConvBlock(nn.Module):
         out = F.linear(self.act(gate_c) * c, w2[:, split:], self.fc2.bias)
         # fc2 over the i half accumulates onto `out` inside the GEMM (addmm), saving a separate add.
         out = torch.addmm(out.flatten(0, -2), (self.act(gate_i) * i).flatten(0, -2), w2[:, :split].t())
-        return x + self.drop_path(self.ls(out.view_as(x)))
+        return x + self.drop(self.ls(out.view_as(x)), draw)
+
+    def drop(self, branch: torch.Tensor, draw: torch.Tensor | None) -> torch.Tensor:
+        """Stochastic depth of the residual branch: from the sample's ``draw`` ([B] uniforms) when given,
+        else timm's DropPath. 1/keep stays fp32 (timm rounds it to the branch's dtype under autocast)."""
+        if draw is None or not self.training or not isinstance(self.drop_path, DropPath):
+            return self.drop_path(branch)
+        return branch * keyed_keep_scale(draw, self.drop_path.drop_prob).view(-1, 1, 1, 1)
 
 
 class MambaOutStage(nn.Module):
@@ -181,12 +192,14 @@ class MambaOutStage(nn.Module):
         self.downsample = Downsample(in_dim, dim, downsample_norm_first) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[GatedConvBlock(dim, drop_path=rate, **block_kwargs) for rate in drop_path_rates])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """``draws``: [B, depth] drop decisions of this stage's blocks, or None."""
         x = self.downsample(x)
-        if not (self.grad_checkpointing and torch.is_grad_enabled()):
-            return self.blocks(x)
-        for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
+        for index, block in enumerate(self.blocks):
+            draw = None if draws is None else draws[:, index]
+            # The draws are inputs, so a recomputed block drops the same samples as its first run.
+            x = checkpoint(block, x, draw, use_reentrant=False) if recompute else block(x, draw)
         return x
 
 
@@ -207,9 +220,21 @@ class MlpHead(nn.Module):
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.dropout(self.pre_logits(self.norm(x.mean((1, 2)))))
+    def forward(self, x: torch.Tensor, pre_logits: bool = False, draws: torch.Tensor | None = None) -> torch.Tensor:
+        """``draws``: [B, num_features] dropout decisions (training), or None for torch's Dropout."""
+        x = self.pre_logits(self.norm(x.mean((1, 2))))
+        if draws is None or not self.training or self.dropout.p == 0:
+            x = self.dropout(x)
+        else:
+            x = x * keyed_keep_scale(draws, self.dropout.p)
         return x if pre_logits else self.fc(x)
+
+
+def keyed_keep_scale(draws: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """``1/keep`` (fp32) where a draw is below ``keep = 1 - drop_prob``, else 0: inverted dropout from given
+    uniforms."""
+    keep = 1.0 - drop_prob
+    return torch.where(draws < keep, 1.0 / keep, 0.0).to(torch.float32)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -311,13 +336,31 @@ class MambaOut(nn.Module):
             fc = nn.Identity()
         self.head.fc = fc.train(self.training)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] images -> [B, H/32, W/32, dims[-1]] (channels-last) features."""
-        return self.stages(self.stem(x))
+    @property
+    def num_drop_sites(self) -> int:
+        """Columns of ``drop_draws``: one per block, then one per head feature when the head has dropout; 0
+        when nothing in the model is random."""
+        blocks = [block for stage in self.stages for block in stage.blocks]
+        head_sites = self.head.num_features if self.head is not None and self.head.dropout.p > 0 else 0
+        if head_sites == 0 and not any(isinstance(block.drop_path, DropPath) for block in blocks):
+            return 0
+        return len(blocks) + head_sites
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, drop_draws: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, H, W] images -> [B, H/32, W/32, dims[-1]] (channels-last) features. ``drop_draws``: the
+        blocks' columns of ``forward``'s."""
+        x = self.stem(x)
+        start = 0
+        for stage in self.stages:
+            depth = len(stage.blocks)
+            x = stage(x, None if drop_draws is None else drop_draws[:, start:start + depth])
+            start += depth
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, drop_draws: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Features -> logits, or the head's hidden features [B, 4 * dims[-1]] with ``pre_logits``."""
-        return self.head(x, pre_logits=pre_logits)
+        return self.head(x, pre_logits=pre_logits, draws=drop_draws)
 
     def forward_intermediates(
             self,
@@ -347,10 +390,18 @@ class MambaOut(nn.Module):
                 maps.append(_to_nchw(x).contiguous() if output_fmt == 'NCHW' else x)
         return maps if intermediates_only else (x, maps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, drop_draws: torch.Tensor | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """``drop_draws``: [B, num_drop_sites] uniforms in [0, 1) that decide, per sample, stochastic depth
+        (column i: block i, counted over all stages) and head dropout (the columns after the blocks) in
+        training; None draws them like timm."""
         if self.features_only:
             return self.forward_intermediates(x, intermediates_only=True)
-        return self.forward_head(self.forward_features(x))
+        if drop_draws is not None and drop_draws.shape != (x.shape[0], self.num_drop_sites):
+            raise ValueError(f'drop_draws must have shape [batch, num_drop_sites] = '
+                             f'[{x.shape[0]}, {self.num_drop_sites}], got {list(drop_draws.shape)}')
+        num_blocks = sum(len(stage.blocks) for stage in self.stages)
+        head_draws = None if drop_draws is None or drop_draws.shape[1] == num_blocks else drop_draws[:, num_blocks:]
+        return self.forward_head(self.forward_features(x, drop_draws), drop_draws=head_draws)
 
 
 def _take_indices(num_stages: int, indices: int | Sequence[int] | None) -> list[int]:

@@ -45,6 +45,11 @@ class Runtime:
     def shard_ids(self) -> list[int]:
         return [self.rank]
 
+    @property
+    def batch_shard_ids(self) -> list[int]:
+        """The shards whose rows a batch on the device holds, in row order: this process's own."""
+        return self.shard_ids
+
     def describe(self) -> dict[str, Any]:
         """What the manifest records about where the run ran."""
         return {
@@ -103,10 +108,6 @@ class Runtime:
     def mark_step(self) -> None:
         """Cuts the lazy graph after a micro-step (XLA); nothing to do on eager devices."""
 
-    def seed_device_rng(self, seed: int) -> None:
-        """Seeds the generator that in-model random ops (drop path, dropout) draw from."""
-        torch.manual_seed(seed)  # seeds every CUDA device too
-
     # --- data -----------------------------------------------------------------------------------------
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A batch tensor (batch dimension first) on the device; under SPMD, sharded over the batch."""
@@ -116,6 +117,10 @@ class Runtime:
         """Images (in the model's memory format) and targets of a loader batch, on the device."""
         images = self.to_device(batch["image"]).contiguous(memory_format=self.memory_format)
         return images, self.to_device(batch["target"])
+
+    def host_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The rows of a batch tensor on the device that belong to this process's images, on the host."""
+        return tensor.cpu()
 
     def wrap_loader(self, loader: Any) -> Any:
         """Hook for device-side prefetching (XLA's MpDeviceLoader); eager devices use the loader as is."""

@@ -103,9 +103,22 @@ class XlaRuntime(Runtime):
     def _init_mesh(self) -> None:
         import torch_xla.distributed.spmd as xs
 
+        self._check_device_order()
         devices = self._xr.global_runtime_device_count()
         self.mesh = xs.Mesh(np.arange(devices), (devices, 1), ("data", "model"))
         xs.set_global_mesh(self.mesh)
+
+    def _check_device_order(self) -> None:
+        """The batch arithmetic assumes that host h drives the global devices h * n .. h * n + n - 1 (n devices a
+        host) in that order: its micro-batches are those of these shards, and its part of a global batch lands
+        on them. A slice that numbers its devices otherwise would train on mismatched rows, so it stops here."""
+        names = self._torch_xla._XLAC._xla_get_runtime_devices()
+        local = [int(name.rsplit(":", 1)[-1]) for name in names]
+        if local != self.shard_ids:
+            raise DistributedRuntimeError(
+                f"host {self.rank}/{self.world_size} drives the XLA devices {names}, but the data sharding assumes "
+                f"devices {self.shard_ids} (host-major order); this slice's device numbering is not supported "
+                "(set MAMBAOUT_XLA_SPMD=0 to train on one device, and report the slice type)")
 
     def _batch_spec(self, rank: int) -> Any:
         """The sharding of a batch tensor of ``rank`` dimensions: its first dimension over ``'data'``."""
@@ -152,6 +165,12 @@ class XlaRuntime(Runtime):
             return [0]
         local = self._xr.addressable_runtime_device_count()
         return list(range(self.rank * local, (self.rank + 1) * local))
+
+    @property
+    def batch_shard_ids(self) -> list[int]:
+        """Under SPMD every host's rows: the hosts' parts form one global batch (host by host, each host's in the
+        order of its devices), and every host traces the same program over it."""
+        return list(range(self.num_shards)) if self.spmd else [0]
 
     def device_name(self) -> str:
         """``TPU v4-32`` on a TPU VM (its accelerator type), else the PJRT device type."""
@@ -202,14 +221,25 @@ class XlaRuntime(Runtime):
     def mark_step(self) -> None:
         self._torch_xla.sync()
 
-    def seed_device_rng(self, seed: int) -> None:
-        self._xm.set_rng_state(seed, self.device)
-
     # --- data -----------------------------------------------------------------------------------------
     def wrap_loader(self, loader: Any) -> Any:
         if isinstance(loader, _DeviceLoader):
             return loader
         return _DeviceLoader(loader, self)
+
+    def host_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This host's rows of a global batch tensor (the outputs of the images it loaded), read from the shards
+        on its own devices: on a multi-host slice the other hosts' shards are not readable here."""
+        if not self.spmd:
+            return tensor.cpu()
+        from torch_xla.distributed.spmd.xla_sharding import wrap_as_sharded_tensor
+
+        rows = tensor.clone()
+        self._batch_spec(rows.dim()).apply(rows)  # sharded over the batch whatever the partitioner chose
+        self.mark_step()
+        self._xm.wait_device_ops()  # the shards exist once the graph has run
+        shards = {shard.indices[0].start: shard.data for shard in wrap_as_sharded_tensor(rows).local_shards}
+        return torch.cat([shards[start] for start in sorted(shards)])
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type == "xla":  # sent ahead by wrap_loader
