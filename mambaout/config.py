@@ -179,6 +179,13 @@ class RuntimeConfig:
         False, "Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic and not autotuned), "
         "so a resumed run is bit-identical on GPUs too, at a speed cost that scripts/gpu_check.sh measures; the "
         "recipes set true. XLA ignores it.")
+    matmul_precision: Literal["highest", "high", "medium"] = _key(
+        "highest", "fp32 matrix multiplies and convolutions: 'highest' true fp32 (the paper's reference), 'high' "
+        "TF32 on NVIDIA GPUs (3 bf16 passes on TPUs), 'medium' bf16 (1 pass on TPUs). Autocast (train.precision "
+        "bf16/fp16) is unaffected.")
+    peak_tflops: float | None = _key(
+        None, "The device's peak dense TFLOP/s for the MFU column of steps.csv; null = from the table of known GPUs "
+        "and TPUs (mambaout/runtime/peaks.py) for the run's math, no MFU on CPUs.", POSITIVE)
 
 
 @dataclass

@@ -142,7 +142,7 @@ def train_one_epoch(
         accum_index = micro_step % accum_steps
         if accum_index == 0:
             schedule.set_step(state.step)
-        # counted on the device, sharded like the targets: summed over every process's or host's rows
+        # counted on the device, sharded like the targets: over every host's rows under SPMD
         step_bad_images = step_bad_images + runtime.to_device(batch["bad"]).sum()
         images, targets = prepare_batch(batch)
         # the micro-batches this batch holds on the device: this process's, or under SPMD every host's
@@ -166,8 +166,8 @@ def train_one_epoch(
         step_loss = losses.mean()
         grad_norm = runtime.unscale_and_clip(optimizer, params, clip_grad)
         on_nonfinite = _nonfinite_handler(state, skip_nonfinite, losses, grad_norm)
-        finite, stop = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested(),
-                                     on_nonfinite)
+        finite, stop, logged = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested(),
+                                             on_nonfinite, step_loss, grad_norm, step_bad_images)
         if finite:
             runtime.optimizer_step(optimizer)
             if ema is not None:
@@ -176,10 +176,8 @@ def train_one_epoch(
             runtime.skip_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        mean_loss = runtime.mean_across(step_loss)
-        bad_images = runtime.sum_across(step_bad_images)
         runtime.after_step(_step_recorder(state, state.step, optimizer.param_groups[0]["lr"], log_interval,
-                                          max_steps, clock, hooks.on_log), mean_loss, grad_norm, bad_images)
+                                          max_steps, clock, hooks.on_log), *logged)
         micro_losses.clear()
         step_bad_images = 0
         runtime.mark_step()

@@ -25,7 +25,7 @@ import torch
 
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5", "ema_top1", "img_per_s",
                  "epoch_seconds", "bad_images", "nonfinite_skips")
-STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s")
+STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "mfu")
 LOCK_FILE = "run.lock"
 _HELD_HERE: set[str] = set()  # ids of the locks this process holds
 

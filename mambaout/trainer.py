@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -24,8 +24,10 @@ from .data.pipeline import Pipeline, Stage, build_pipeline
 from .data.sampling import derive_seed, with_drop_draws
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
+from .models.info import count_macs
 from .optim import LrSchedule, create_optimizer
-from .runtime import Runtime, create_runtime
+from .runtime import Runtime, runtime_from_config
+from .runtime.peaks import matmul_math, peak_tflops
 from .tracking import Progress, RunFolder, RunLock, build_manifest, holds_a_run
 from .validation import build_eval_dataset
 
@@ -39,7 +41,7 @@ NONFINITE_EXIT_CODE = 3
 HARMLESS_ON_RESUME = frozenset({
     "data.root", "data.num_workers", "train.max_steps", "train.output_dir", "train.log_interval",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.skip_nonfinite", "eval.every_epochs",
-    "eval.batch_size", "runtime.dist_timeout_s",
+    "eval.batch_size", "runtime.dist_timeout_s", "runtime.peak_tflops",
 })
 
 
@@ -58,8 +60,7 @@ class TrainOutcome:
 def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
     """Trains as ``cfg`` says. ``resume``: "auto" (continue the checkpoint in the run folder, if any, when its
     config is compatible), "never", or the path of a checkpoint to continue from."""
-    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s,
-                             cfg.runtime.deterministic)
+    runtime = runtime_from_config(cfg)
     with runtime.session(), ExitStack() as held:
         derived = derive(cfg, runtime.num_shards)
         # One job per run folder, from before anything in it is read for resuming or written until the end.
@@ -87,6 +88,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         except ValueError as error:  # an unknown name, with the closest ones
             raise ConfigError(f"model.name: {error}") from None
         drop_sites = _drop_sites(model, cfg)
+        mfu = mfu_meter(model, cfg, runtime)  # counted on the host model, before it moves
         reuse_folder = saved is not None or (resume == "auto" and _same_config_without_checkpoint(folder, cfg))
         run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
         if saved is not None and runtime.is_main:
@@ -130,9 +132,11 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             runtime.barrier()
 
         def on_log(entry: StepLog) -> None:
-            run.log_step(vars(entry))
+            utilisation = mfu(entry.img_per_s)
+            run.log_step({**vars(entry), "mfu": utilisation})
             progress.update(entry.step - progress.done,
-                            f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s")
+                            f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s"
+                            + (f" MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
 
         def evaluated_after(step: int) -> bool:
             """Whether the epoch that ends at ``step`` (if one does) is evaluated, and checkpointed then."""
@@ -322,6 +326,21 @@ def _drop_sites(model, cfg: Config) -> int:
             "so its runs would differ between devices and after a resume; set model.drop_path_rate=0 and "
             "model.head_dropout=0, or train a MambaOut variant, whose drop decisions are keyed per sample")
     return 0
+
+
+def mfu_meter(model, cfg: Config, runtime: Runtime) -> Callable[[float], float | None]:
+    """img/s -> model FLOPs utilisation: 3 x the forward FLOPs of an image at the training resolution (forward
+    and backward, as in PaLM's MFU) x img/s / (devices x peak). None where the peak is unknown (CPUs) and
+    ``runtime.peak_tflops`` is unset."""
+    math = matmul_math(runtime.kind, cfg.train.precision, cfg.runtime.matmul_precision)
+    peak = cfg.runtime.peak_tflops or peak_tflops(runtime.device_name(), math)
+    if peak is None:
+        return lambda img_per_s: None
+    flops_per_image = 3 * 2 * count_macs(model, cfg.data.img_size, getattr(model, "in_chans", 3))
+    total_peak = peak * 1e12 * runtime.num_shards
+    log.info("MFU against %s x %.4g TFLOP/s (%s): %.3g GFLOPs per training image", runtime.num_shards, peak, math,
+             flops_per_image / 1e9)
+    return lambda img_per_s: img_per_s * flops_per_image / total_peak
 
 
 def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime, stage: Stage, drop_sites: int = 0

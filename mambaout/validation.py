@@ -25,7 +25,7 @@ from .engine import evaluate
 from .models import MambaOut, create_model
 from .models.info import count_macs
 from .models.published import PUBLISHED
-from .runtime import Runtime, create_runtime
+from .runtime import Runtime, runtime_from_config
 from .tracking import Progress, software_versions
 
 log = logging.getLogger("mambaout")
@@ -56,8 +56,7 @@ class ValidationRequest:
 
 def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
     """Evaluates ``request.checkpoint`` as ``cfg`` says; returns (and reports) the summary."""
-    runtime = create_runtime(cfg.runtime.device, cfg.train.precision, cfg.runtime.dist_timeout_s,
-                             cfg.runtime.deterministic)
+    runtime = runtime_from_config(cfg)
     with runtime.session():
         weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
         pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)

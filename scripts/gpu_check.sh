@@ -6,7 +6,8 @@
 # Runs on the machine's own python3 (torch, torchvision and timm preinstalled, no registry needed): no venv,
 # the repository on PYTHONPATH; a check whose optional package is missing is skipped with a note. Carry the
 # pinned timm as a wheel when the machine's differs (README, "GPU check"). What it runs, each with its time:
-#   1. the tests marked `cuda` (nvJPEG decoding against the CPU's, the device augmentation against the CPU's);
+#   1. the tests marked `cuda` (nvJPEG decoding and the device augmentation against the CPU's; checkpoints
+#      written on the GPU load on a CPU-only machine);
 #   2. the input pipelines on ImageNet-sized JPEGs: per CPU core (timm, tensor, its host part, nvjpeg's
 #      workers) and the GPU part of nvjpeg (decode + crop + augment) in img/s (goal: >= 5k img/s on an H200);
 #   3. the speed cost of runtime.deterministic (the recipes' default): train.py's img/s on MambaOut-Small with
@@ -39,7 +40,7 @@ if not timm.__version__.startswith("1.0."):
     print(f"note: timm {timm.__version__} is outside the pinned range (>=1.0.31,<1.1); carry the pinned wheel")
 PY
 
-check cuda-tests "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests/test_pipelines.py
+check cuda-tests "$PYTHON" -m pytest -q -m cuda -p no:cacheprovider tests
 if "$PYTHON" -c "import sklearn" 2>/dev/null; then
   check make-jpegs "$PYTHON" scripts/benchmark_data.py --make-jpegs "$OUT_DIR/jpegs"
   check data-pipelines "$PYTHON" scripts/benchmark_data.py --data "$OUT_DIR/jpegs" --cores 4 --rounds 3
@@ -58,13 +59,14 @@ done
 import csv, statistics, sys
 from pathlib import Path
 
-rates = {}
+rates, mfu = {}, {}
 for deterministic in ("true", "false"):
     with open(Path(sys.argv[1]) / f"deterministic-{deterministic}" / "steps.csv") as f:
         rows = list(csv.DictReader(f))[1:]  # the first interval holds the warm-up
     rates[deterministic] = statistics.median(float(row["img_per_s"]) for row in rows)
-print(f"runtime.deterministic=true: {rates['true']:.0f} img/s, false: {rates['false']:.0f} img/s, "
-      f"cost {1 - rates['true'] / rates['false']:.1%}")
+    mfu[deterministic] = statistics.median(float(row["mfu"] or "nan") for row in rows)
+print(f"runtime.deterministic=true: {rates['true']:.0f} img/s (MFU {mfu['true']:.1%}), false: {rates['false']:.0f} "
+      f"img/s (MFU {mfu['false']:.1%}), cost {1 - rates['true'] / rates['false']:.1%}")
 PY
 
 echo

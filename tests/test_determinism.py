@@ -1,4 +1,5 @@
-"""runtime.deterministic: the runtime selects deterministic kernels, records the choice, and training runs so."""
+"""runtime.deterministic and runtime.matmul_precision: the runtime selects the kernels, records the choice, and
+training runs so."""
 from __future__ import annotations
 
 import json
@@ -19,10 +20,13 @@ def kernel_choice_restored():
     saved_env = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
              torch.backends.cudnn.benchmark)
+    saved_precision = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     yield
     torch.use_deterministic_algorithms(saved[0])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1:]
+    torch.set_float32_matmul_precision(saved_precision[0])
+    torch.backends.cudnn.allow_tf32 = saved_precision[1]
     os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     if saved_env is not None:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = saved_env
@@ -39,6 +43,17 @@ def test_runtime_selects_and_records_deterministic_kernels():
     runtime = create_runtime("cpu")  # an earlier run's choice does not carry over
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
     assert runtime.describe()["deterministic"] is False
+
+
+def test_runtime_selects_and_records_the_matmul_precision():
+    """'high' lets matmuls and cuDNN convolutions use TF32; 'highest' (the default, the paper's fp32) lets neither,
+    although torch's own default lets cuDNN."""
+    runtime = create_runtime("cpu", matmul_precision="high")
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    assert runtime.describe()["matmul_precision"] == "high"
+    runtime = create_runtime("cpu")
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    assert runtime.describe()["matmul_precision"] == "highest"
 
 
 def test_a_workspace_setting_of_the_user_stands():

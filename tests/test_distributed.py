@@ -414,3 +414,43 @@ def test_a_single_process_needs_no_process_group():
         info = runtime.describe()
     assert info["world_size"] == 1 and info["backend"] is None and info["nodes"] == 1
     assert not torch.distributed.is_initialized()
+
+
+COUNTED_TRAINING = '''
+import json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+import mambaout.trainer as trainer
+from mambaout.config import load_config
+
+calls = []
+all_reduce = dist.all_reduce
+dist.all_reduce = lambda *args, **kwargs: (calls.append(1), all_reduce(*args, **kwargs))[1]
+train_one_epoch, counted = trainer.train_one_epoch, []
+
+def epoch(*args, **kwargs):
+    state, before, calls_before = args[7], args[7].step, len(calls)
+    result = train_one_epoch(*args, **kwargs)
+    counted.append({"steps": state.step - before, "all_reduces": len(calls) - calls_before})
+    return result
+
+trainer.train_one_epoch = epoch
+trainer.train(load_config(None, sys.argv[2:]))
+Path(f"{sys.argv[1]}.{os.environ['RANK']}.json").write_text(json.dumps(counted))
+'''
+
+
+def test_one_small_all_reduce_per_optimizer_step(image_root, tmp_path):
+    """Per optimizer step the loop runs one all-reduce of its own (the flags, the loss and the unreadable-image
+    count together) besides DDP's gradient buckets (which do not go through torch.distributed.all_reduce)."""
+    script = tmp_path / "counted.py"
+    script.write_text(COUNTED_TRAINING)
+    overrides = tiny_overrides(image_root, tmp_path / "run", **{"train.max_steps": 4, "train.micro_batch_size": 2})
+    command = [*TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script),
+               str(tmp_path / "counts"), *overrides]
+    status, output = run_job(command, tmp_path / "job.log", PYTHONPATH=str(REPO))
+    assert status == 0, output[-3000:]
+    for rank in (0, 1):
+        epochs = json.loads((tmp_path / f"counts.{rank}.json").read_text())
+        assert sum(e["steps"] for e in epochs) == 4
+        assert all(e["all_reduces"] == e["steps"] for e in epochs), epochs

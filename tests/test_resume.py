@@ -72,7 +72,7 @@ def assert_same_run(out_a: Path, out_b: Path) -> None:
 
 def _without_timing(path: Path) -> list[list[str]]:
     rows = [line.split(",") for line in path.read_text().splitlines()]
-    drop = {i for i, column in enumerate(rows[0]) if column in ("img_per_s", "epoch_seconds")}
+    drop = {i for i, column in enumerate(rows[0]) if column in ("img_per_s", "mfu", "epoch_seconds")}
     return [[v for i, v in enumerate(row) if i not in drop] for row in rows]
 
 

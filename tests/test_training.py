@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -175,3 +176,42 @@ def test_print_config_shows_the_published_recipe(variant, drop_path, capsys, mon
     assert config["derived"] == {**config["derived"], "lr": 4e-3, "accum_steps": 32, "micro_batch_size": 128,
                                  "total_epochs": 310, "eval_img_size": 224}
     assert config["optim"]["global_batch_size"] == 4096 and config["sched"]["warmup_epochs"] == 20
+
+
+def test_mfu_is_logged_against_the_device_peak(image_root, tmp_path):
+    """steps.csv's MFU = 3 x forward FLOPs per image x img/s / peak (runtime.peak_tflops given: a CPU has no table
+    entry, so it has none otherwise); the table knows the accelerators by the names they report."""
+    from mambaout.models import create_model
+    from mambaout.models.info import count_macs
+    from mambaout.runtime.peaks import matmul_math, peak_tflops
+
+    run(image_root, tmp_path / "mfu", **{"runtime.peak_tflops": 0.5})
+    rows = list(csv.DictReader(open(tmp_path / "mfu" / "steps.csv")))
+    flops = 3 * 2 * count_macs(create_model("mambaout_femto", num_classes=4), 32)
+    for row in rows:
+        assert float(row["mfu"]) == pytest.approx(float(row["img_per_s"]) * flops / 0.5e12, rel=1e-6)
+    run(image_root, tmp_path / "no_mfu")
+    assert {row["mfu"] for row in csv.DictReader(open(tmp_path / "no_mfu" / "steps.csv"))} == {""}
+
+    assert peak_tflops("NVIDIA H200", matmul_math("cuda", "bf16", "highest")) == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", matmul_math("cuda", "fp32", "high")) == 378.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", matmul_math("cuda", "fp32", "highest")) == 19.5
+    assert peak_tflops("TPU v4-32", matmul_math("xla", "fp32", "highest")) == 275.0
+    assert peak_tflops("cpu", "fp32") is None
+
+
+@pytest.mark.cuda
+def test_checkpoints_written_on_cuda_load_on_a_cpu_only_machine(image_root, tmp_path):
+    """Every tensor of a checkpoint is a host copy: a plain torch.load(weights_only=True) works without a GPU."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    run(image_root, tmp_path / "cuda", **{"runtime.device": "cuda", "train.max_steps": 1})
+    check = ("import torch, sys; s = torch.load(sys.argv[1], weights_only=True); "
+             "ts = [t for t in s['model'].values()] + [t for st in s['optimizer']['state'].values() for t in st.values()"
+             " if isinstance(t, torch.Tensor)]; assert ts and all(t.device.type == 'cpu' for t in ts); print(len(ts))")
+    done = subprocess.run([sys.executable, "-c", check, str(tmp_path / "cuda" / "last.pth")], capture_output=True,
+                          text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr

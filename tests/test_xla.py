@@ -94,8 +94,9 @@ def drive_training(out: Path, overrides: list[str]) -> None:
         runtime.prepare_model = prepare
         return runtime
 
-    create_runtime, train_one_epoch, evaluate = trainer.create_runtime, trainer.train_one_epoch, trainer.evaluate
-    trainer.create_runtime = lambda *a, **k: instrument(create_runtime(*a, **k))
+    runtime_from_config = trainer.runtime_from_config
+    train_one_epoch, evaluate = trainer.train_one_epoch, trainer.evaluate
+    trainer.runtime_from_config = lambda cfg: instrument(runtime_from_config(cfg))
 
     def epoch(*args, **kwargs):
         result = train_one_epoch(*args, **kwargs)
@@ -143,7 +144,8 @@ def drive_guard(out: Path) -> None:
         loss.backward()
         runtime.mark_step()
         grad_norm = runtime.unscale_and_clip(optimizer, params, None)
-        finite, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, on_nonfinite)
+        finite, _, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, on_nonfinite, loss, grad_norm,
+                                     torch.zeros((), dtype=torch.int64, device=runtime.device))
         assert finite  # XLA decides on the device
         runtime.optimizer_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
@@ -342,7 +344,7 @@ def stopped_at(record: dict) -> dict:
 
 def steps(record: dict) -> list[dict]:
     with open(record["dir"] / "steps.csv") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v} for row in csv.DictReader(f)]  # mfu: none on CPUs
 
 
 def checkpoint(record: dict) -> dict:

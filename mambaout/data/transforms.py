@@ -110,19 +110,24 @@ class FixedShapeMixup(Mixup):
         if self.mode != "batch":
             return super().__call__(x, target)
         lam, use_cutmix = self._params_per_batch()
-        box = torch.zeros(x.shape[-2:], dtype=torch.bool)
-        blend = lam  # Mixup: every pixel blended; CutMix: the box pasted, the rest kept (blend 1)
-        if use_cutmix:
+        top = bottom = left = right = 0  # Mixup: an empty box, every pixel blended
+        blend = lam
+        if use_cutmix:  # the box pasted, the rest kept (blend 1)
             (top, bottom, left, right), lam = cutmix_bbox_and_lam(
                 x.shape, lam, ratio_minmax=self.cutmix_minmax, correct_lam=self.correct_lam)
-            box[top:bottom, left:right] = True
             blend = 1.0
-        # Every weight a tensor, not a Python number: XLA bakes numbers into the graph as constants, so each lam
-        # (and CutMix's blend 1) would be a graph of its own. Each is rounded from its Python float, exactly as
-        # timm's scalars are.
-        weights = torch.tensor([blend, 1.0 - blend, lam, 1.0 - lam], dtype=torch.float32).to(x.device)
+        # Every number one tensor, sent in one copy: XLA bakes Python numbers into the graph as constants, so each
+        # lam and box would be a graph of its own. The weights are rounded from their Python floats, exactly as
+        # timm's scalars are; the box bounds are exact in float32.
+        params = torch.tensor([blend, 1.0 - blend, lam, 1.0 - lam, top, bottom, left, right],
+                              dtype=torch.float32).to(x.device)
+        weights, bounds = params[:4], params[4:]
+        rows = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
+        cols = torch.arange(x.shape[-1], device=x.device, dtype=torch.float32)
+        box = (((rows >= bounds[0]) & (rows < bounds[1]))[:, None]
+               & ((cols >= bounds[2]) & (cols < bounds[3]))[None, :])
         flipped = x.flip(0)
-        x.copy_(torch.where(box.to(x.device), flipped, x * weights[0] + flipped * weights[1]))
+        x.copy_(torch.where(box, flipped, x * weights[0] + flipped * weights[1]))
         off_value = self.label_smoothing / self.num_classes
         y = one_hot(target, self.num_classes, on_value=1.0 - self.label_smoothing + off_value, off_value=off_value)
         return x, y * weights[2] + y.flip(0) * weights[3]

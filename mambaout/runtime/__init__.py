@@ -25,8 +25,9 @@ def resolve_device(device: str) -> str:
 
 
 def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int = 1800,
-                   deterministic: bool = False) -> Runtime:
-    """``deterministic`` selects deterministic kernels on cpu and cuda (``TorchRuntime``); XLA ignores it."""
+                   deterministic: bool = False, matmul_precision: str = "highest") -> Runtime:
+    """``deterministic`` selects deterministic kernels on cpu and cuda (``TorchRuntime``); XLA ignores it.
+    ``matmul_precision``: ``runtime.matmul_precision``."""
     kind = resolve_device(device)
     if kind == "xla":
         if importlib.util.find_spec("torch_xla") is None:
@@ -34,12 +35,20 @@ def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int
                               "environment with `bash scripts/setup_xla_env.sh` (README, 'Training on TPU')")
         from .xla import XlaRuntime  # the only import of torch_xla
 
-        return XlaRuntime(precision, timeout_s)
+        return XlaRuntime(precision, timeout_s, matmul_precision=matmul_precision)
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if kind not in ("cpu", "cuda"):
         raise ValueError(f"runtime.device must be one of {DEVICES}, got {device!r}")
-    return TorchRuntime(kind, precision, timeout_s, deterministic)
+    return TorchRuntime(kind, precision, timeout_s, deterministic, matmul_precision)
 
 
-__all__ = ["DEVICES", "DistributedRuntimeError", "Runtime", "TorchRuntime", "create_runtime", "resolve_device"]
+def runtime_from_config(cfg) -> Runtime:
+    """The runtime a resolved config asks for (``runtime.*`` and ``train.precision``)."""
+    settings = cfg.runtime
+    return create_runtime(settings.device, cfg.train.precision, settings.dist_timeout_s, settings.deterministic,
+                          settings.matmul_precision)
+
+
+__all__ = ["DEVICES", "DistributedRuntimeError", "Runtime", "TorchRuntime", "create_runtime", "resolve_device",
+           "runtime_from_config"]

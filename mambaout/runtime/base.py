@@ -14,6 +14,17 @@ import torch
 from torch import nn
 
 
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` (nested dicts, lists, tuples) with ``fn`` applied to each of its tensors."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return type(value)((k, map_tensors(v, fn)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(v, fn) for v in value)
+    return value
+
+
 class DistributedRuntimeError(RuntimeError):
     """Rendezvous or collective failure, with the address and rank that a user needs to fix it."""
 
@@ -24,9 +35,10 @@ class Runtime:
     kind = "cpu"
     fixed_shapes = False  # True where every batch must have the same shape (compiled graphs: XLA)
 
-    def __init__(self, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, device: torch.device, precision: str = "fp32", matmul_precision: str = "highest") -> None:
         self.device = device
         self.precision = precision
+        self.matmul_precision = matmul_precision
         self.rank = 0
         self.world_size = 1
         self.memory_format = torch.contiguous_format
@@ -57,6 +69,8 @@ class Runtime:
             "device_name": self.device_name(),
             "world_size": self.world_size,
             "num_shards": self.num_shards,
+            "precision": self.precision,
+            "matmul_precision": self.matmul_precision,
             "host": socket.gethostname(),
         }
 
@@ -108,6 +122,9 @@ class Runtime:
     def mark_step(self) -> None:
         """Cuts the lazy graph after a micro-step (XLA); nothing to do on eager devices."""
 
+    def synchronize(self) -> None:
+        """Waits until the device has run everything queued (for timing); the CPU runs synchronously."""
+
     # --- data -----------------------------------------------------------------------------------------
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """A batch tensor (batch dimension first) on the device; under SPMD, sharded over the batch."""
@@ -139,19 +156,21 @@ class Runtime:
         """A device tensor: True when this step's loss and gradient norm are finite."""
         return torch.isfinite(loss) & torch.isfinite(grad_norm)
 
-    def agree(self, step_finite: torch.Tensor, stop_requested: bool,
-              on_nonfinite: Callable[[], None]) -> tuple[bool, bool]:
-        """(take the optimizer step, stop after it): the decisions every rank must share. A step that is not
-        finite on some rank is not taken anywhere, and ``on_nonfinite`` (raise, or count a skip) runs. Reading
-        the flag costs one host sync per optimizer step, the price of never letting a NaN reach the weights."""
-        nonfinite, stop = self.any_across([not bool(step_finite), stop_requested])
+    def agree(self, step_finite: torch.Tensor, stop_requested: bool, on_nonfinite: Callable[[], None],
+              loss: torch.Tensor, grad_norm: torch.Tensor, bad_images: torch.Tensor
+              ) -> tuple[bool, bool, tuple[torch.Tensor, ...]]:
+        """(take the optimizer step, stop after it, what the step logs: loss averaged and unreadable images
+        summed over the processes, gradient norm). Every rank takes the same decisions: a step that is not finite
+        on some rank is taken nowhere, and ``on_nonfinite`` (raise, or count a skip) runs. The flags and the sums
+        travel in one small all-reduce, and one host read takes them all: the price of never letting a NaN reach
+        the weights."""
+        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)
+        shared = torch.stack([(~step_finite).double(), stop, loss.detach().double(), bad_images.double()])
+        local = grad_norm.detach().double().reshape(1)  # the same on every rank once gradients are reduced
+        nonfinite, stop, loss_sum, bad, norm = torch.cat([self.sum_across(shared), local]).tolist()
         if nonfinite:
             on_nonfinite()
-        return not nonfinite, stop
-
-    def mean_across(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean of a per-process value over all processes."""
-        return self.sum_across(tensor) / self.world_size
+        return not nonfinite, bool(stop), tuple(map(torch.tensor, (loss_sum / self.world_size, norm, bad)))
 
     def after_step(self, callback: Callable[..., None], *tensors: torch.Tensor) -> None:
         """Calls ``callback`` with the host values of ``tensors``. Eager devices call it now; XLA defers
@@ -184,8 +203,9 @@ class Runtime:
         pass
 
     def to_cpu_state(self, state: Any) -> Any:
-        """Host copies of tensors before saving (required on XLA; a no-op elsewhere)."""
-        return state
+        """``state`` with host copies of its device tensors, before saving: a checkpoint then loads with a plain
+        ``torch.load`` on any machine, a CPU-only one included."""
+        return map_tensors(state, lambda t: t if t.device.type == "cpu" else t.detach().cpu())
 
     def shutdown(self) -> None:
         pass

@@ -71,15 +71,23 @@ def select_kernels(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
+def select_matmul_precision(matmul_precision: str) -> None:
+    """``runtime.matmul_precision`` for matrix multiplies and, since torch lets cuDNN use TF32 by default, for
+    convolutions too: 'highest' is true fp32 everywhere."""
+    torch.set_float32_matmul_precision(matmul_precision)
+    torch.backends.cudnn.allow_tf32 = matmul_precision != "highest"
+
+
 class TorchRuntime(Runtime):
     """``kind`` is "cpu" (gloo between processes) or "cuda" (NCCL, one GPU per process)."""
 
-    def __init__(self, kind: str, precision: str = "fp32", timeout_s: int = 1800, deterministic: bool = False
-                 ) -> None:
+    def __init__(self, kind: str, precision: str = "fp32", timeout_s: int = 1800, deterministic: bool = False,
+                 matmul_precision: str = "highest") -> None:
         self.kind = kind
         self.timeout_s = timeout_s
         self.deterministic = deterministic
         select_kernels(deterministic)  # before any CUDA work: cuBLAS reads its workspace setting once
+        select_matmul_precision(matmul_precision)
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.peers: list[dict[str, Any]] = []  # (host, device) of every rank, gathered at start
@@ -96,7 +104,7 @@ class TorchRuntime(Runtime):
             device = torch.device("cuda", self.local_rank)
         else:
             device = torch.device("cpu")
-        super().__init__(device, precision)
+        super().__init__(device, precision, matmul_precision)
         if precision == "fp16" and kind != "cuda":
             raise ConfigError("train.precision=fp16 needs CUDA (a loss scaler on a GPU); use bf16 or fp32 on "
                              f"{kind}")
@@ -207,6 +215,10 @@ class TorchRuntime(Runtime):
         if self.scaler is not None:  # overflowing fp16 gradients are the scaler's business: it skips them
             return torch.isfinite(loss)
         return super().step_is_finite(loss, grad_norm)
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def optimizer_step(self, optimizer) -> None:
         if self.scaler is None:

@@ -53,7 +53,8 @@ class XlaRuntime(Runtime):
     kind = "xla"
     fixed_shapes = True
 
-    def __init__(self, precision: str = "fp32", timeout_s: int = 1800, spmd: bool | None = None) -> None:
+    def __init__(self, precision: str = "fp32", timeout_s: int = 1800, spmd: bool | None = None,
+                 matmul_precision: str = "highest") -> None:
         if precision == "fp16":
             raise ValueError("train.precision=fp16 is not supported on XLA (it needs a loss scaler); use bf16, "
                              "which TPUs compute natively, or fp32")
@@ -66,7 +67,8 @@ class XlaRuntime(Runtime):
         self.cache_dir = self._init_cache()
         if self.spmd:
             xr.use_spmd()  # before any tensor reaches the device
-        super().__init__(torch_xla.device(), precision)
+        super().__init__(torch_xla.device(), precision, matmul_precision)
+        self._select_matmul_precision(matmul_precision)
         self.rank, self.world_size = xr.process_index(), xr.process_count()  # processes = hosts
         self.memory_format = torch.contiguous_format  # XLA chooses layouts itself
         self.mesh = None
@@ -99,6 +101,15 @@ class XlaRuntime(Runtime):
         os.makedirs(path, exist_ok=True)
         self._xr.initialize_cache(path, readonly=False)
         return path
+
+    def _select_matmul_precision(self, matmul_precision: str) -> None:
+        """fp32 matrix multiplies on TPUs: 'highest' 6 bf16 passes (~fp32), 'high' 3, 'medium' 1 (XLA's
+        'default'). Set only when it changes: torch_xla warns at every setting."""
+        import torch_xla.backends
+
+        wanted = {"highest": "highest", "high": "high", "medium": "default"}[matmul_precision]
+        if torch_xla.backends.get_mat_mul_precision() != wanted:
+            torch_xla.backends.set_mat_mul_precision(wanted)
 
     def _init_mesh(self) -> None:
         import torch_xla.distributed.spmd as xs
@@ -198,16 +209,15 @@ class XlaRuntime(Runtime):
             return contextlib.nullcontext()
         return torch.autocast("xla", dtype=torch.bfloat16)
 
-    def agree(self, step_finite: torch.Tensor, stop_requested: bool,
-              on_nonfinite: Callable[[], None]) -> tuple[bool, bool]:
+    def agree(self, step_finite: torch.Tensor, stop_requested: bool, on_nonfinite: Callable[[], None],
+              loss: torch.Tensor, grad_norm: torch.Tensor, bad_images: torch.Tensor
+              ) -> tuple[bool, bool, tuple[torch.Tensor, ...]]:
         """Takes the optimizer step without reading ``step_finite`` on the host (that would stall every
         step): ``optimizer_step`` applies the update on the device only where the step is finite, and a
-        step closure runs ``on_nonfinite`` once the graph has run."""
+        step closure runs ``on_nonfinite`` once the graph has run. Under SPMD the loss and the count are
+        already over every host's rows; the logged values stay on the device for ``after_step``."""
         self._pending_finite = (step_finite, on_nonfinite)
-        return True, self.any_across([stop_requested])[0]
-
-    def mean_across(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor  # under SPMD a device value is already the mean over every host's data
+        return True, self.any_across([stop_requested])[0], (loss, grad_norm, bad_images)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         pending, self._pending_finite = self._pending_finite, None
@@ -220,6 +230,10 @@ class XlaRuntime(Runtime):
 
     def mark_step(self) -> None:
         self._torch_xla.sync()
+
+    def synchronize(self) -> None:
+        self.mark_step()
+        self._xm.wait_device_ops()
 
     # --- data -----------------------------------------------------------------------------------------
     def wrap_loader(self, loader: Any) -> Any:
@@ -236,8 +250,7 @@ class XlaRuntime(Runtime):
 
         rows = tensor.clone()
         self._batch_spec(rows.dim()).apply(rows)  # sharded over the batch whatever the partitioner chose
-        self.mark_step()
-        self._xm.wait_device_ops()  # the shards exist once the graph has run
+        self.synchronize()  # the shards exist once the graph has run
         shards = {shard.indices[0].start: shard.data for shard in wrap_as_sharded_tensor(rows).local_shards}
         return torch.cat([shards[start] for start in sorted(shards)])
 
@@ -296,7 +309,7 @@ class XlaRuntime(Runtime):
         convert = getattr(self._xm, "_maybe_convert_to_cpu", None)
         if convert is not None:
             return convert(state)
-        return _map_tensors(state, lambda t: t.cpu() if t.device.type == "xla" else t)
+        return super().to_cpu_state(state)
 
     def compile_stats(self) -> dict[str, int]:
         """Counts since the start of the process: graph compilations, executions and device-to-host transfers
@@ -421,13 +434,3 @@ def _nonfinite_check(optimizer: torch.optim.Optimizer, on_nonfinite: Callable[[]
                 step -= 1
         on_nonfinite()
     return check
-
-
-def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
-    if isinstance(value, torch.Tensor):
-        return fn(value)
-    if isinstance(value, dict):
-        return type(value)((k, _map_tensors(v, fn)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    return value
