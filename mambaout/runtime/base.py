@@ -25,6 +25,12 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return value
 
 
+def _host_value(value: torch.Tensor | float) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.item() if value.numel() == 1 else value.tolist()
+
+
 class DistributedRuntimeError(RuntimeError):
     """Rendezvous or collective failure, with the address and rank that a user needs to fix it."""
 
@@ -158,9 +164,9 @@ class Runtime:
 
     def agree(self, step_finite: torch.Tensor, stop_requested: bool, on_nonfinite: Callable[[], None],
               loss: torch.Tensor, grad_norm: torch.Tensor, bad_images: torch.Tensor
-              ) -> tuple[bool, bool, tuple[torch.Tensor, ...]]:
-        """(take the optimizer step, stop after it, what the step logs: loss averaged and unreadable images
-        summed over the processes, gradient norm). Every rank takes the same decisions: a step that is not finite
+              ) -> tuple[bool, bool, tuple[torch.Tensor | float, ...]]:
+        """(take the optimizer step, stop after it, what the step logs: loss averaged over the processes,
+        gradient norm, unreadable images summed over them). Every rank takes the same decisions: a step that is not finite
         on some rank is taken nowhere, and ``on_nonfinite`` (raise, or count a skip) runs. The flags and the sums
         travel in one small all-reduce, and one host read takes them all: the price of never letting a NaN reach
         the weights."""
@@ -170,12 +176,13 @@ class Runtime:
         nonfinite, stop, loss_sum, bad, norm = torch.cat([self.sum_across(shared), local]).tolist()
         if nonfinite:
             on_nonfinite()
-        return not nonfinite, bool(stop), tuple(map(torch.tensor, (loss_sum / self.world_size, norm, bad)))
+        return not nonfinite, bool(stop), (loss_sum / self.world_size, norm, bad)
 
-    def after_step(self, callback: Callable[..., None], *tensors: torch.Tensor) -> None:
-        """Calls ``callback`` with the host values of ``tensors``. Eager devices call it now; XLA defers
-        it until the step's graph has run (a step closure), so reading values never stalls the step."""
-        callback(*[t.item() if t.numel() == 1 else t.tolist() for t in tensors])
+    def after_step(self, callback: Callable[..., None], *values: torch.Tensor | float) -> None:
+        """Calls ``callback`` with the host values of ``values`` (tensors, or numbers already read). Eager devices
+        call it now; XLA defers it until the step's graph has run (a step closure), so reading values never
+        stalls the step."""
+        callback(*[_host_value(v) for v in values])
 
     def barrier(self) -> None:
         pass
