@@ -136,7 +136,7 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     micro_losses: list[torch.Tensor] = []
     step_bad_images = 0
-    clock = _IntervalClock(sampler.global_batch_size)
+    reporter = _StepReporter(state, skip_nonfinite, log_interval, max_steps, hooks.on_log, sampler.global_batch_size)
 
     for micro_step, batch in enumerate(runtime.wrap_loader(loader)):
         accum_index = micro_step % accum_steps
@@ -165,44 +165,40 @@ def train_one_epoch(
         losses = torch.stack(micro_losses)
         step_loss = losses.mean()
         grad_norm = runtime.unscale_and_clip(optimizer, params, clip_grad)
-        on_nonfinite = _nonfinite_handler(state, skip_nonfinite, losses, grad_norm)
-        finite, stop, logged = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested(),
-                                             on_nonfinite, step_loss, grad_norm, step_bad_images)
-        if finite:
-            runtime.optimizer_step(optimizer)
-            if ema is not None:
-                ema.update(runtime.unwrap(model), step=state.step + 1)  # counted from 1, like timm
-        else:
-            runtime.skip_step(optimizer)
+        finite, report = runtime.agree(runtime.step_is_finite(step_loss, grad_norm), hooks.stop_requested(),
+                                       step_loss, grad_norm, step_bad_images)
+        # the update, and the EMA's, are skipped on the device where the step is not finite: no host read here
+        applied = runtime.optimizer_step(optimizer, finite)
+        if ema is not None:
+            update_ema(ema, runtime.unwrap(model), state.step + 1, applied)  # counted from 1, like timm
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        runtime.after_step(_step_recorder(state, state.step, optimizer.param_groups[0]["lr"], log_interval,
-                                          max_steps, clock, hooks.on_log), *logged)
+        runtime.after_step(reporter.for_step(state.step, optimizer.param_groups[0]["lr"], losses), report)
         micro_losses.clear()
         step_bad_images = 0
         runtime.mark_step()
         hooks.on_step_end()
-        if state.step == max_steps or stop:
-            return stop
+        if state.step == max_steps or reporter.stop_seen:
+            runtime.read_pending()  # the last step's values, before the trainer evaluates or checkpoints
+            return reporter.stop_seen
+    runtime.read_pending()
     return False
 
 
-def _nonfinite_handler(state: TrainState, skip: bool, micro_losses: torch.Tensor, grad_norm: torch.Tensor
-                       ) -> Callable[[], None]:
-    """What a non-finite optimizer step does (the weights are never updated with it): count a skip, or stop
-    the run naming the step, the micro-batch losses and the gradient norm."""
-    step = state.step + 1
-
-    def on_nonfinite() -> None:
-        if skip:
-            state.nonfinite_skips += 1
-            return
-        raise NonFiniteLossError(
-            f"non-finite training values at optimizer step {step}: micro-batch losses "
-            f"{[round(v, 6) for v in micro_losses.tolist()]}, gradient norm {float(grad_norm):.6g}; the weights "
-            "were not updated with them. Lower optim.lr or set optim.clip_grad, or set train.skip_nonfinite=true "
-            "to skip such steps")
-    return on_nonfinite
+def update_ema(ema, model: nn.Module, step: int, applied: torch.Tensor) -> None:
+    """timm's EMA update (``ModelEmaV3``: lerp of the floating tensors towards the model's at its decay for
+    ``step``), with weight 0 where ``applied`` (a device bool) says the optimizer step was skipped: the decision
+    stays on the device."""
+    weight = (1.0 - ema.get_decay(step)) * applied.float()
+    averaged, current = [], []
+    for ema_value, value in zip(ema.module.state_dict().values(), model.state_dict().values()):
+        if ema_value.is_floating_point():
+            averaged.append(ema_value)
+            current.append(value)
+        else:
+            ema_value.copy_(value)
+    with torch.no_grad():
+        torch._foreach_lerp_(averaged, current, [weight] * len(averaged))
 
 
 class _IntervalClock:
@@ -219,21 +215,49 @@ class _IntervalClock:
         return rate
 
 
-def _step_recorder(state: TrainState, step: int, lr: float, log_interval: int, max_steps: int | None,
-                   clock: _IntervalClock, on_log: Callable[[StepLog], None]) -> Callable[[float, float], None]:
-    """The host side of one optimizer step: record its loss and unreadable images (over all processes), and
-    write a log row at the interval."""
-    def record(loss: float, grad_norm: float, bad_images: float) -> None:
+class _StepReporter:
+    """The host side of each optimizer step, run once its values are read (``runtime.after_step``: at once, or
+    a step later): a non-finite step stops the run naming it, or counts as skipped; a stop requested on any
+    process is noted; the loss and unreadable images (over all processes) are recorded, and a log row written at
+    the interval."""
+
+    def __init__(self, state: TrainState, skip_nonfinite: bool, log_interval: int, max_steps: int | None,
+                 on_log: Callable[[StepLog], None], images_per_step: int) -> None:
+        self.state, self.skip_nonfinite = state, skip_nonfinite
+        self.log_interval, self.max_steps, self.on_log = log_interval, max_steps, on_log
+        self.clock = _IntervalClock(images_per_step)
+        self.stop_seen = False
+
+    def for_step(self, step: int, lr: float, micro_losses: torch.Tensor) -> Callable[[list[float]], None]:
+        def report(values: list[float]) -> None:
+            nonfinite, stop, loss, grad_norm, bad_images = values
+            if nonfinite:
+                self._nonfinite(step, micro_losses, grad_norm)
+            self.stop_seen = self.stop_seen or bool(stop)
+            self._record(step, lr, loss, grad_norm, bad_images)
+        return report
+
+    def _nonfinite(self, step: int, micro_losses: torch.Tensor, grad_norm: float) -> None:
+        if self.skip_nonfinite:
+            self.state.nonfinite_skips += 1
+            return
+        raise NonFiniteLossError(
+            f"non-finite training values at optimizer step {step}: micro-batch losses "
+            f"{[round(v, 6) for v in micro_losses.tolist()]}, gradient norm {grad_norm:.6g}; the weights "
+            "were not updated with them. Lower optim.lr or set optim.clip_grad, or set train.skip_nonfinite=true "
+            "to skip such steps")
+
+    def _record(self, step: int, lr: float, loss: float, grad_norm: float, bad_images: float) -> None:
+        state = self.state
         state.bad_images += int(bad_images)
         state.interval_losses.append(loss)
         state.epoch_loss_sum += loss
         state.epoch_loss_steps += 1
-        if step % log_interval == 0 or step == max_steps:
+        if step % self.log_interval == 0 or step == self.max_steps:
             losses = state.interval_losses
-            on_log(StepLog(step=step, epoch=state.epoch, lr=lr, loss=sum(losses) / len(losses),
-                           grad_norm=grad_norm, img_per_s=clock.img_per_s(len(losses))))
+            self.on_log(StepLog(step=step, epoch=state.epoch, lr=lr, loss=sum(losses) / len(losses),
+                                grad_norm=grad_norm, img_per_s=self.clock.img_per_s(len(losses))))
             state.interval_losses = []
-    return record
 
 
 @dataclass

@@ -125,6 +125,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         progress.done = state.step
 
         def save(is_best: bool = False) -> None:
+            runtime.read_pending()  # the host state of every step taken so far goes into the checkpoint
             payload = _checkpoint_payload(model, ema, optimizer, runtime, state, cfg, train_set.classes,
                                           fingerprint)
             if runtime.is_main:

@@ -5,7 +5,8 @@
                                       [--rounds 3] [--device auto] [KEY=VALUE ...]
 
 train.py runs as a user runs it (keyed sampler, synthetic dataset, pipeline, the loop with its collectives,
-logs and checkpoints), on synthetic data in the main process, drop path and Mixup/CutMix off; its img/s are
+logs and checkpoints), on synthetic data made in the main process (pass data.num_workers=N on a GPU, where making
+the images on one core would set the pace), drop path and Mixup/CutMix off; its img/s are
 steps.csv's, after ``--warmup`` steps. The bare loop is a page of PyTorch: the same batches already on the device
 (contiguous, or channels-last like ours where train.channels_last is on), forward, label-smoothing loss,
 backward, gradient clipping norm and the same fused AdamW. Each line gives the median img/s over the rounds, the
@@ -101,13 +102,18 @@ def main() -> int:
     runtime = runtime_from_config(cfg)
     classes = cfg.data.synthetic_num_classes
     rates: dict[str, list[float]] = {"train.py": [], "bare loop, our model": [], "bare loop, timm's model": []}
-    for _ in range(args.rounds):
-        torch.manual_seed(0)
-        rates["train.py"].append(train_py(cfg, args.warmup))
-        rates["bare loop, our model"].append(
-            bare_loop(cfg, create_model(args.model, num_classes=classes), runtime, args.warmup, args.steps))
-        rates["bare loop, timm's model"].append(
-            bare_loop(cfg, timm.create_model(args.model, num_classes=classes), runtime, args.warmup, args.steps))
+    measure = {
+        "train.py": lambda: train_py(cfg, args.warmup),
+        "bare loop, our model": lambda: bare_loop(cfg, create_model(args.model, num_classes=classes), runtime,
+                                                  args.warmup, args.steps),
+        "bare loop, timm's model": lambda: bare_loop(cfg, timm.create_model(args.model, num_classes=classes),
+                                                     runtime, args.warmup, args.steps),
+    }
+    names = list(measure)
+    for round_index in range(args.rounds):  # the order rotates, so drifts in machine load hit all alike
+        for name in names[round_index % 3:] + names[:round_index % 3]:
+            torch.manual_seed(0)
+            rates[name].append(measure[name]())
     mfu = mfu_meter(create_model(args.model, num_classes=classes), cfg, runtime)
     reference = statistics.median(rates["bare loop, our model"])
     print(f"{args.model} at {args.img_size} px, batch {args.batch}, {cfg.train.precision}, on "

@@ -11,7 +11,11 @@
 #   2. the input pipelines on ImageNet-sized JPEGs: per CPU core (timm, tensor, its host part, nvjpeg's
 #      workers) and the GPU part of nvjpeg (decode + crop + augment) in img/s (goal: >= 5k img/s on an H200);
 #   3. the speed cost of runtime.deterministic (the recipes' default): train.py's img/s on MambaOut-Small with
-#      synthetic images (no decoding, so the GPU sets the pace), deterministic kernels against torch's defaults.
+#      synthetic images (no decoding, so the GPU sets the pace), deterministic kernels against torch's defaults;
+#   4. validate.py on that run's checkpoint; with 2+ GPUs a 2-process NCCL run of train.py;
+#   5. the model step (bf16, channels-last), eager and compiled: ours in both block formulations vs timm's;
+#   6. train.py's full step against a bare loop and timm's model (benchmark_train.py), femto/tiny/small, MFU.
+# The cuda tests include the sync-debug test: no host synchronisation inside a training step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -69,6 +73,26 @@ print(f"runtime.deterministic=true: {rates['true']:.0f} img/s (MFU {mfu['true']:
       f"img/s (MFU {mfu['false']:.1%}), cost {1 - rates['true'] / rates['false']:.1%}")
 PY
 
+check validate "$PYTHON" validate.py --model mambaout_small --checkpoint "$OUT_DIR/deterministic-true/last.pth" \
+  --device cuda data.format=synthetic data.synthetic_val_size=1024
+if [ "$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  rm -rf "$OUT_DIR/two-gpus"
+  check two-gpus "$PYTHON" -m torch.distributed.run --nproc_per_node 2 train.py --config configs/mambaout_femto.yaml \
+    data.format=synthetic data.synthetic_val_size=512 data.num_workers=4 optim.global_batch_size=256 \
+    train.max_steps=20 train.log_interval=5 train.output_dir="$OUT_DIR/two-gpus"
+else
+  rows+=("| two-gpus               | skip |    0s | one GPU on this machine |")
+fi
+
+for mode in eager compiled; do
+  check "model-small-$mode" "$PYTHON" scripts/benchmark_model.py --model mambaout_small --batch-size 128 \
+    --device cuda --precision bf16 --channels-last --rounds 10 --warmup 3 $([ $mode = compiled ] && echo --compile)
+done
+for variant in femto tiny small; do
+  check "train-step-$variant" "$PYTHON" scripts/benchmark_train.py --model "mambaout_$variant" --batch 128 \
+    --steps 15 --rounds 2 --device cuda train.precision=bf16 train.channels_last=true data.num_workers=8
+done
+
 echo
 echo "| check | status | time | last line |"
 echo "|---|---|---|---|"
@@ -79,3 +103,10 @@ grep -E "img/s" "$OUT_DIR/data-pipelines.log" 2>/dev/null
 echo
 echo "deterministic kernels:"
 tail -n 1 "$OUT_DIR/deterministic-cost.log"
+echo
+echo "model step (img/s, ratio to timm):"
+cat "$OUT_DIR"/model-small-*.log 2>/dev/null | grep -E "img/s|block form|mambaout"
+echo
+echo "train.py step against the bare loop:"
+for variant in femto tiny small; do grep -aE "x the bare loop|batch" "$OUT_DIR/train-step-$variant.log" | tr '\r' '\n' \
+  | grep -E "x the bare loop|^mambaout"; done

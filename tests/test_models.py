@@ -117,6 +117,29 @@ def test_grad_checkpointing_gives_same_gradients(keyed):
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
+def test_block_forms_compute_the_same_function():
+    """The sliced (CPU) and dense (GPU) block formulations: same logits and gradients from the same weights,
+    'auto' taking the sliced one on a CPU; a form that does not exist is refused."""
+    ours = create_model('mambaout_femto', ls_init_value=0.5).train()  # LayerScale on: every parameter counts
+    images = torch.randn(2, 3, 64, 64)
+
+    def run(form: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ours.set_block_form(form)
+        ours.zero_grad(set_to_none=True)
+        logits = ours(images)
+        logits.square().mean().backward()
+        return logits.detach(), {key: p.grad.clone() for key, p in ours.named_parameters()}
+
+    (sliced, sliced_grads), (dense, dense_grads), (auto, auto_grads) = run('sliced'), run('dense'), run('auto')
+    torch.testing.assert_close(dense, sliced, rtol=1e-5, atol=1e-5)
+    for key in sliced_grads:
+        torch.testing.assert_close(dense_grads[key], sliced_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert torch.equal(auto, sliced) and all(torch.equal(auto_grads[k], sliced_grads[k]) for k in sliced_grads)
+    assert not torch.equal(dense, sliced)  # two computations, not one
+    with pytest.raises(ValueError, match="block form must be one of"):
+        ours.set_block_form('fused')
+
+
 def test_keyed_drop_decisions_follow_the_sample():
     """With ``drop_draws`` a sample's stochastic depth and head dropout depend on its own draws only: not on the
     batch it is in nor on any generator's state; the draws' columns are the blocks, then the head's features."""

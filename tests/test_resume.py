@@ -176,22 +176,24 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, 
 
 
 class NanAtCall:
-    """A criterion that returns NaN from its ``at``-th call on (an injected fault)."""
+    """A criterion that returns NaN from its ``at``-th call on, up to its ``until``-th if given (an injected
+    fault)."""
 
-    def __init__(self, criterion, at: int) -> None:
-        self.criterion, self.at, self.calls = criterion, at, 0
+    def __init__(self, criterion, at: int, until: int | None = None) -> None:
+        self.criterion, self.at, self.until, self.calls = criterion, at, until, 0
 
     def __call__(self, logits, targets):
         self.calls += 1
         loss = self.criterion(logits, targets)
-        return loss * float("nan") if self.calls >= self.at else loss
+        poisoned = self.calls >= self.at and (self.until is None or self.calls <= self.until)
+        return loss * float("nan") if poisoned else loss
 
 
-def inject_nan(monkeypatch, at: int) -> None:
+def inject_nan(monkeypatch, at: int, until: int | None = None) -> None:
     import mambaout.trainer as trainer
 
     real = trainer.create_criterion
-    monkeypatch.setattr(trainer, "create_criterion", lambda *a: NanAtCall(real(*a), at))
+    monkeypatch.setattr(trainer, "create_criterion", lambda *a: NanAtCall(real(*a), at, until))
 
 
 def test_injected_nan_stops_with_the_step_and_an_unpoisoned_checkpoint(image_root, tmp_path, monkeypatch):
@@ -256,3 +258,68 @@ def test_resume_from_a_path_refuses_to_write_into_another_run(image_root, uninte
     with pytest.raises(ResumeError, match="already holds another run"):
         train(load_config(None, tiny_overrides(image_root, other, **RUN)),
               resume=str(uninterrupted / "checkpoints" / "step_00000008.pth"))
+
+
+def deferred_reads(monkeypatch) -> None:
+    """train() on a CPU runtime that reads each step's report a step later, as CUDA does."""
+    import mambaout.trainer as trainer
+    from mambaout.runtime import TorchRuntime
+
+    real = trainer.runtime_from_config
+
+    def deferring(cfg):
+        runtime = real(cfg)
+        assert isinstance(runtime, TorchRuntime)
+        runtime.defer_reads = True
+        return runtime
+    monkeypatch.setattr(trainer, "runtime_from_config", deferring)
+
+
+SKIP_RUN = {**RUN, "data.num_workers": 0, "train.max_steps": 6, "train.checkpoint_every_steps": 1,
+            "train.keep_checkpoints": 10, "train.skip_nonfinite": True, "train.ema": True}
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["read-now", "read-a-step-later"])
+def test_a_skipped_step_leaves_weights_optimizer_and_ema_exactly_as_they_were(image_root, tmp_path, monkeypatch,
+                                                                            defer):
+    """The non-finite step 4 is skipped on the device (fused AdamW's found_inf, the EMA's weight 0): its
+    checkpoint equals step 3's in every tensor, Adam's step counts included; the steps around it train."""
+    if defer:
+        deferred_reads(monkeypatch)
+    inject_nan(monkeypatch, at=7, until=8)  # the two micro-batches of optimizer step 4
+    out = tmp_path / "run"
+    outcome = train(load_config(None, tiny_overrides(image_root, out, **SKIP_RUN)))
+    assert outcome.step == 6
+    saved = {step: load_training_checkpoint(out / "checkpoints" / f"step_{step:08d}.pth") for step in (2, 3, 4, 5)}
+    assert saved[4]["train_state"]["nonfinite_skips"] == 1 and saved[3]["train_state"]["nonfinite_skips"] == 0
+
+    def tensors(payload):
+        state = payload["optimizer"]["state"]
+        return ([*payload["model"].values()], [*payload["state_dict_ema"].values()],
+                [value for key in sorted(state) for value in state[key].values()])
+    for before, after in zip(tensors(saved[3]), tensors(saved[4])):
+        assert len(before) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(before, after))
+    for step in (3, 5):  # the neighbours moved the weights and the EMA
+        for before, after in zip(tensors(saved[step - 1]), tensors(saved[step])):
+            assert not all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_reading_a_step_later_changes_nothing_and_still_stops_at_the_failing_step(image_root, tmp_path, monkeypatch):
+    """CUDA's deferred host reads, run on CPU: the same weights and log rows as reading at once, and a NaN stops
+    the run naming its own step, with no checkpoint written after it."""
+    overrides = {**RUN, "data.num_workers": 0, "train.max_steps": 6}
+    now = train(load_config(None, tiny_overrides(image_root, tmp_path / "now", **overrides)))
+    deferred_reads(monkeypatch)
+    later = train(load_config(None, tiny_overrides(image_root, tmp_path / "later", **overrides)))
+    assert now.step == later.step == 6 and now.final_eval == later.final_eval
+    a, b = (load_training_checkpoint(tmp_path / name / "last.pth") for name in ("now", "later"))
+    assert all(torch.equal(x, y) for x, y in zip(a["model"].values(), b["model"].values()))
+    assert a["train_state"] == b["train_state"]
+    rows = [[row.split(",")[:5] for row in (tmp_path / name / "steps.csv").read_text().splitlines()]
+            for name in ("now", "later")]
+    assert rows[0] == rows[1] and len(rows[0]) == 7  # header + 6 steps, img/s aside
+
+    inject_nan(monkeypatch, at=9)  # optimizer step 5
+    with pytest.raises(NonFiniteLossError, match=r"step 5: micro-batch losses \[nan, nan\]"):
+        train(load_config(None, tiny_overrides(image_root, tmp_path / "nan", **overrides)))
+    assert load_training_checkpoint(tmp_path / "nan" / "last.pth")["train_state"]["step"] == 4

@@ -144,10 +144,10 @@ def drive_guard(out: Path) -> None:
         loss.backward()
         runtime.mark_step()
         grad_norm = runtime.unscale_and_clip(optimizer, params, None)
-        finite, _, _ = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, on_nonfinite, loss, grad_norm,
-                                     torch.zeros((), dtype=torch.int64, device=runtime.device))
-        assert finite  # XLA decides on the device
-        runtime.optimizer_step(optimizer)
+        finite, report = runtime.agree(runtime.step_is_finite(loss, grad_norm), False, loss, grad_norm,
+                                       torch.zeros((), dtype=torch.int64, device=runtime.device))
+        runtime.optimizer_step(optimizer, finite)  # decided on the device
+        runtime.after_step(lambda values: values[0] and on_nonfinite(), report)
         optimizer.zero_grad(set_to_none=True)
         record["transfers_in_step"].append(runtime.compile_stats()["transfers_to_host"] - transfers)
         runtime.mark_step()  # runs the step's graph, then its closures

@@ -31,6 +31,12 @@ ActLayer = str | Callable[[], nn.Module]
 _RW = dict(stem_mid_norm=False, downsample_norm_first=True, ls_init_value=1e-6, head_hidden_norm=False)
 _BASE_DIMS = (128, 256, 512, 768)
 
+BLOCK_FORMS = ('auto', 'sliced', 'dense')
+# The block formulation `auto` takes per device type (GatedConvBlock): sliced is measured faster on CPUs;
+# dense is the choice for the rest until scripts/benchmark_model.py --device cuda measures otherwise. XLA
+# fuses either into the same kind of graph and keeps the sliced form its tests were measured with.
+AUTO_BLOCK_FORM = {'cpu': 'sliced', 'xla': 'sliced', 'cuda': 'dense'}
+
 # Name -> MambaOut(**settings). The first five are the paper's models, the rest timm's experiments.
 VARIANTS: dict[str, dict] = {
     'mambaout_femto': dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288)),
@@ -123,11 +129,16 @@ class Downsample(nn.Module):
 class GatedConvBlock(nn.Module):
     """Gated CNN block: ``x + fc2(act(g) * cat(i, dwconv(c)))`` with ``g, i, c = fc1(norm(x))``.
 
-    ``fc1``'s output rows are ``[g | i | c]`` (``hidden``, ``hidden - conv_channels``, ``conv_channels``). The
-    forward pass multiplies by row slices of ``fc1`` and column slices of ``fc2`` instead of splitting one
-    output and concatenating: every activation stays a dense tensor, the depthwise conv reads its input in
-    place, and no split/cat copies run forwards or backwards (those copies dominated the step on CPU).
-    The result equals the split/cat formulation up to float rounding.
+    ``fc1``'s output rows are ``[g | i | c]`` (``hidden``, ``hidden - conv_channels``, ``conv_channels``). Two
+    formulations compute the block, equal up to float rounding, with the same weights (``block_form``):
+
+    - ``sliced``: four row slices of ``fc1`` and two column slices of ``fc2``: every activation a dense tensor,
+      the depthwise conv reads its input in place, no split/cat copies forwards or backwards (those copies
+      dominated the step on CPU: 1.11-1.33x timm's model there). Each slice reads the activations again.
+    - ``dense``: ``fc1`` as two contiguous row slices (the gates, then ``[i | c]``) and ``fc2`` as one GEMM over
+      the concatenated gated output: fewer, larger GEMMs and fewer passes over the activations, for GPUs.
+
+    ``auto`` picks ``AUTO_BLOCK_FORM`` by the input's device (``scripts/benchmark_model.py`` measures both).
     """
 
     def __init__(
@@ -154,18 +165,31 @@ class GatedConvBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.block_form = "auto"
 
     def forward(self, x: torch.Tensor, draw: torch.Tensor | None = None) -> torch.Tensor:
-        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        form = AUTO_BLOCK_FORM.get(x.device.type, "sliced") if self.block_form == "auto" else self.block_form
         y = self.norm(x)
+        out = self._sliced(y) if form == "sliced" else self._dense(y)
+        return x + self.drop(self.ls(out.view_as(x)), draw)
+
+    def _sliced(self, y: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
         gate_i, gate_c, i, c = (F.linear(y, w1[start:stop], b1[start:stop])
                                 for start, stop in pairwise(self.fc1_bounds))
         c = _to_nhwc(self.conv(_to_nchw(c)))
         split = i.shape[-1]
         out = F.linear(self.act(gate_c) * c, w2[:, split:], self.fc2.bias)
         # fc2 over the i half accumulates onto `out` inside the GEMM (addmm), saving a separate add.
-        out = torch.addmm(out.flatten(0, -2), (self.act(gate_i) * i).flatten(0, -2), w2[:, :split].t())
-        return x + self.drop(self.ls(out.view_as(x)), draw)
+        return torch.addmm(out.flatten(0, -2), (self.act(gate_i) * i).flatten(0, -2), w2[:, :split].t())
+
+    def _dense(self, y: torch.Tensor) -> torch.Tensor:
+        w1, b1 = self.fc1.weight, self.fc1.bias
+        _, split, hidden, _, _ = self.fc1_bounds
+        gates = self.act(F.linear(y, w1[:hidden], b1[:hidden]))
+        i, c = F.linear(y, w1[hidden:], b1[hidden:]).split([split, hidden - split], dim=-1)
+        c = _to_nhwc(self.conv(_to_nchw(c)))
+        return self.fc2(gates * torch.cat([i, c], dim=-1))
 
     def drop(self, branch: torch.Tensor, draw: torch.Tensor | None) -> torch.Tensor:
         """Stochastic depth of the residual branch: from the sample's ``draw`` ([B] uniforms) when given,
@@ -320,6 +344,14 @@ class MambaOut(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def set_block_form(self, form: str) -> None:
+        """The formulation of every Gated CNN block (``BLOCK_FORMS``; the weights are the same)."""
+        if form not in BLOCK_FORMS:
+            raise ValueError(f'block form must be one of {BLOCK_FORMS}, got {form!r}')
+        for stage in self.stages:
+            for block in stage.blocks:
+                block.block_form = form
 
     def get_classifier(self) -> nn.Module:
         """The final Linear of the head (timm's interface)."""

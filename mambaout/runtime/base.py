@@ -25,12 +25,6 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return value
 
 
-def _host_value(value: torch.Tensor | float) -> Any:
-    if not isinstance(value, torch.Tensor):
-        return value
-    return value.item() if value.numel() == 1 else value.tolist()
-
-
 class DistributedRuntimeError(RuntimeError):
     """Rendezvous or collective failure, with the address and rank that a user needs to fix it."""
 
@@ -113,11 +107,20 @@ class Runtime:
             return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         return torch.nn.utils.clip_grad_norm_(params, clip_grad)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
-
-    def skip_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Leaves the weights as they are for this step (a non-finite step that is skipped)."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> torch.Tensor:
+        """Applies the step's update where ``finite`` (a device bool, the same on every rank) holds, and leaves
+        weights and optimizer state exactly as they were where not, without reading it on the host: torch's
+        fused AdamW takes the flag as its ``found_inf`` (the kernel then returns at once and undoes its step
+        count). Returns the device bool that says whether the update was applied (for the EMA)."""
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise TypeError(f"{type(optimizer).__name__} cannot skip a step on the device; train with "
+                            "mambaout.optim.create_optimizer's fused AdamW")
+        optimizer.grad_scale, optimizer.found_inf = None, (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+        return finite
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module inside the wrappers that ``prepare_model`` or torch.compile added."""
@@ -162,27 +165,30 @@ class Runtime:
         """A device tensor: True when this step's loss and gradient norm are finite."""
         return torch.isfinite(loss) & torch.isfinite(grad_norm)
 
-    def agree(self, step_finite: torch.Tensor, stop_requested: bool, on_nonfinite: Callable[[], None],
-              loss: torch.Tensor, grad_norm: torch.Tensor, bad_images: torch.Tensor
-              ) -> tuple[bool, bool, tuple[torch.Tensor | float, ...]]:
-        """(take the optimizer step, stop after it, what the step logs: loss averaged over the processes,
-        gradient norm, unreadable images summed over them). Every rank takes the same decisions: a step that is not finite
-        on some rank is taken nowhere, and ``on_nonfinite`` (raise, or count a skip) runs. The flags and the sums
-        travel in one small all-reduce, and one host read takes them all: the price of never letting a NaN reach
-        the weights."""
-        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)
-        shared = torch.stack([(~step_finite).double(), stop, loss.detach().double(), bad_images.double()])
-        local = grad_norm.detach().double().reshape(1)  # the same on every rank once gradients are reduced
-        nonfinite, stop, loss_sum, bad, norm = torch.cat([self.sum_across(shared), local]).tolist()
-        if nonfinite:
-            on_nonfinite()
-        return not nonfinite, bool(stop), (loss_sum / self.world_size, norm, bad)
+    def agree(self, step_finite: torch.Tensor, stop_requested: bool, loss: torch.Tensor, grad_norm: torch.Tensor,
+              bad_images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(finite, report): whether to take the optimizer step, a device bool that is the same on every rank (a
+        step that is not finite on some rank is taken nowhere), and what the host learns of the step as one
+        device vector: non-finite ranks, stop requests, the loss averaged over the processes,
+        the gradient norm (the same everywhere once gradients are reduced), unreadable images summed over the
+        processes. The sums travel in one small all-reduce; nothing is read on the host here."""
+        # torch.full takes the flag as a kernel argument: a host-made tensor would be a synchronous copy on CUDA
+        stop = torch.full((), float(stop_requested), dtype=torch.float64, device=loss.device)
+        shared = self.sum_across(torch.stack([(~step_finite).double(), stop, loss.detach().double(),
+                                              bad_images.double()]))
+        report = torch.stack([shared[0], shared[1], shared[2] / self.world_size, grad_norm.detach().double(),
+                              shared[3]])
+        return shared[0] == 0, report
 
-    def after_step(self, callback: Callable[..., None], *values: torch.Tensor | float) -> None:
-        """Calls ``callback`` with the host values of ``values`` (tensors, or numbers already read). Eager devices
-        call it now; XLA defers it until the step's graph has run (a step closure), so reading values never
-        stalls the step."""
-        callback(*[_host_value(v) for v in values])
+    def after_step(self, callback: Callable[[list[float]], None], report: torch.Tensor) -> None:
+        """Calls ``callback`` with the host values of a step's ``report``. Here at once; CUDA reads them a step
+        later from pinned memory, XLA once the step's graph has run (a step closure), so the host never waits
+        for the device inside a step. ``read_pending`` runs whatever is still waiting."""
+        callback(report.tolist())
+
+    def read_pending(self) -> None:
+        """Runs the ``after_step`` callbacks not run yet, in step order: before a checkpoint, an evaluation or
+        the end of training, so every rank has the same host state and stops at the same step."""
 
     def barrier(self) -> None:
         pass

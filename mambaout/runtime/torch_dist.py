@@ -82,7 +82,8 @@ class TorchRuntime(Runtime):
     """``kind`` is "cpu" (gloo between processes) or "cuda" (NCCL, one GPU per process)."""
 
     def __init__(self, kind: str, precision: str = "fp32", timeout_s: int = 1800, deterministic: bool = False,
-                 matmul_precision: str = "highest") -> None:
+                 matmul_precision: str = "highest", defer_reads: bool | None = None) -> None:
+        """``defer_reads``: read each step's report a step later (default: on CUDA; tests set it on CPU)."""
         self.kind = kind
         self.timeout_s = timeout_s
         self.deterministic = deterministic
@@ -91,6 +92,9 @@ class TorchRuntime(Runtime):
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.peers: list[dict[str, Any]] = []  # (host, device) of every rank, gathered at start
+        # a step's report is read one step later on CUDA, so the host queues the next step meanwhile
+        self.defer_reads = kind == "cuda" if defer_reads is None else defer_reads
+        self._pending: list[tuple[Any, torch.Tensor, Any]] = []
         self._failed = False
         if kind == "cuda":
             visible = torch.cuda.device_count()
@@ -216,20 +220,47 @@ class TorchRuntime(Runtime):
             return torch.isfinite(loss)
         return super().step_is_finite(loss, grad_norm)
 
+    def wrap_loader(self, loader):
+        return _SideStreamPrefetch(loader, self.device) if self.kind == "cuda" else loader
+
     def synchronize(self) -> None:
         if self.kind == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def optimizer_step(self, optimizer) -> None:
+    def optimizer_step(self, optimizer, finite):
         if self.scaler is None:
-            optimizer.step()
-            return
+            return super().optimizer_step(optimizer, finite)
+        # fp16: the scaler skips steps whose gradients overflowed (fused AdamW gets its found_inf); a non-finite
+        # loss joins that verdict, and the loss scale then shrinks as for an overflow.
+        found_inf = list(self.scaler._found_inf_per_device(optimizer).values())  # filled by unscale_
+        found_inf[0].add_((~finite).float())
+        applied = torch.stack(found_inf).sum() == 0
         self.scaler.step(optimizer)
         self.scaler.update()
+        return applied
 
-    def skip_step(self, optimizer) -> None:
-        if self.scaler is not None:
-            self.scaler.update()  # closes the unscale_ of this step
+    def after_step(self, callback, report):
+        if not self.defer_reads:
+            return super().after_step(callback, report)
+        host, ready = report, None
+        if report.is_cuda:
+            host = torch.empty(report.shape, dtype=report.dtype, pin_memory=True)
+            host.copy_(report, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        earlier, self._pending = self._pending, [(callback, host, ready)]
+        self._run(earlier)
+
+    def read_pending(self) -> None:
+        waiting, self._pending = self._pending, []
+        self._run(waiting)
+
+    @staticmethod
+    def _run(pending) -> None:
+        for callback, host, ready in pending:
+            if ready is not None:
+                ready.synchronize()  # a step ago: done unless the device lags the host by more than a step
+            callback(host.tolist())
 
     def sum_across(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
@@ -294,3 +325,44 @@ class TorchRuntime(Runtime):
                 dist.distributed_c10d._abort_process_group()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+PREFETCHED_FIELDS = ("image", "target")
+"""Batch fields copied to the GPU ahead of their step; the others stay on the host, where the loop reads them
+(index, bad flags) or sends them itself (small ones)."""
+
+
+class _SideStreamPrefetch:
+    """A loader's batches with ``PREFETCHED_FIELDS`` already on the GPU: the copies of batch n + 1 (from the
+    loader's pinned memory) run on a side stream while step n computes, instead of waiting their turn on the
+    compute stream. The compute stream waits for a batch's copies before using it, and the copied tensors are
+    marked as used there, so the caching allocator keeps them until that work is done."""
+
+    def __init__(self, loader: Any, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        copies = torch.cuda.Stream(self.device)
+        batches = iter(self.loader)
+        ahead = self._send(next(batches, None), copies)
+        while ahead is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_stream(copies)
+            for field in PREFETCHED_FIELDS:
+                if isinstance(ahead.get(field), torch.Tensor):
+                    ahead[field].record_stream(compute)
+            batch, ahead = ahead, self._send(next(batches, None), copies)
+            yield batch
+
+    def _send(self, batch: dict[str, Any] | None, stream) -> dict[str, Any] | None:
+        if batch is None:
+            return None
+        batch = dict(batch)
+        with torch.cuda.stream(stream):
+            for field in PREFETCHED_FIELDS:
+                if isinstance(batch.get(field), torch.Tensor):
+                    batch[field] = batch[field].to(self.device, non_blocking=True)
+        return batch

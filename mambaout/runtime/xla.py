@@ -74,7 +74,6 @@ class XlaRuntime(Runtime):
         self.mesh = None
         self._batch_specs: dict[int, Any] = {}  # tensor rank -> its sharding over the batch dimension
         self._owns_host_group = False
-        self._pending_finite: torch.Tensor | None = None
         if not self.is_main:  # worker 0 alone reports progress; every host still shows warnings and errors
             log.setLevel(logging.WARNING)
         if self.spmd:
@@ -209,24 +208,21 @@ class XlaRuntime(Runtime):
             return contextlib.nullcontext()
         return torch.autocast("xla", dtype=torch.bfloat16)
 
-    def agree(self, step_finite: torch.Tensor, stop_requested: bool, on_nonfinite: Callable[[], None],
-              loss: torch.Tensor, grad_norm: torch.Tensor, bad_images: torch.Tensor
-              ) -> tuple[bool, bool, tuple[torch.Tensor, ...]]:
-        """Takes the optimizer step without reading ``step_finite`` on the host (that would stall every
-        step): ``optimizer_step`` applies the update on the device only where the step is finite, and a
-        step closure runs ``on_nonfinite`` once the graph has run. Under SPMD the loss and the count are
-        already over every host's rows; the logged values stay on the device for ``after_step``."""
-        self._pending_finite = (step_finite, on_nonfinite)
-        return True, self.any_across([stop_requested])[0], (loss, grad_norm, bad_images)
+    def agree(self, step_finite, stop_requested, loss, grad_norm, bad_images):
+        """Under SPMD the loss and the count are already over every host's rows, and ``step_finite`` is the same
+        on every device; the hosts OR their stop flags over gloo (host values: no device read). The stop flag
+        travels to the device as data, so its value never changes the compiled graph."""
+        stop = torch.tensor([float(self.any_across([stop_requested])[0])]).to(self.device)
+        report = torch.cat([(~step_finite).float().reshape(1), stop, loss.detach().float().reshape(1),
+                            grad_norm.detach().float().reshape(1), bad_images.float().reshape(1)])
+        return step_finite, report
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        pending, self._pending_finite = self._pending_finite, None
-        if pending is None:
-            optimizer.step()
-            return
-        finite, on_nonfinite = pending
+    def optimizer_step(self, optimizer, finite):
+        """XLA has no fused AdamW: the update is computed and kept only where ``finite`` holds (selects in the
+        graph); the host step counters are set back once the graph has run."""
         _guarded_step(optimizer, finite)
-        self.after_step(_nonfinite_check(optimizer, on_nonfinite), finite)
+        self.after_step(_step_counter_rewind(optimizer), finite.float().reshape(1))
+        return finite
 
     def mark_step(self) -> None:
         self._torch_xla.sync()
@@ -275,18 +271,10 @@ class XlaRuntime(Runtime):
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
         return [bool(v) for v in values.tolist()]
 
-    def after_step(self, callback: Callable[..., None], *tensors: torch.Tensor) -> None:
-        """Runs ``callback`` with host values once the step's graph has executed (a step closure): no host
-        sync inside the step. Device tensors are captured as they are now (a clone is free in a lazy graph);
-        host tensors are read at once."""
-        if all(t.device.type != "xla" for t in tensors):
-            return super().after_step(callback, *tensors)
-        captured = tuple(t.detach().clone() if t.device.type == "xla" else t for t in tensors)
-
-        def closure(*values: torch.Tensor) -> None:
-            callback(*[v.item() if v.numel() == 1 else v.tolist() for v in values])
-
-        self._xm.add_step_closure(closure, args=captured)
+    def after_step(self, callback, report):
+        """Runs ``callback`` with the host values once the step's graph has executed (a step closure): no host
+        sync inside the step. The report is captured as it is now (a clone is free in a lazy graph)."""
+        self._xm.add_step_closure(lambda values: callback(values.tolist()), args=(report.detach().clone(),))
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -420,17 +408,14 @@ def _guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> Non
                     value.copy_(torch.where(finite, value, old if old is not None else torch.zeros_like(value)))
 
 
-def _nonfinite_check(optimizer: torch.optim.Optimizer, on_nonfinite: Callable[[], None]
-                     ) -> Callable[[bool], None]:
-    """The host side of a guarded step, run after its graph: a non-finite step left the weights as they were;
-    the host step counters (Adam's bias correction) are set back and the loop's ``on_nonfinite`` runs (it
-    stops the run, or counts a skipped step)."""
-    def check(finite: bool) -> None:
-        if finite:
+def _step_counter_rewind(optimizer: torch.optim.Optimizer) -> Callable[[list[float]], None]:
+    """The host side of a guarded step, run after its graph: a step that was not applied sets the host step
+    counters (Adam's bias correction) back by one."""
+    def rewind(values: list[float]) -> None:
+        if values[0]:
             return
         for state in optimizer.state.values():
             step = state.get("step")
             if isinstance(step, torch.Tensor) and step.device.type != "xla":
                 step -= 1
-        on_nonfinite()
-    return check
+    return rewind
