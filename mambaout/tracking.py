@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5", "ema_top1", "img_per_s",
-                 "epoch_seconds", "bad_images", "nonfinite_skips")
+                 "epoch_seconds", "bad_images", "nonfinite_skips", "peak_memory_mib")
 STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "mfu")
 LOCK_FILE = "run.lock"
 _HELD_HERE: set[str] = set()  # ids of the locks this process holds

@@ -170,7 +170,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                 if evaluated_after(state.step):  # also when preempted on an epoch's last step
                     final_eval = _evaluate_epoch(model, ema, val_loader, runtime, prepare_eval)
                     _log_epoch(run, state, optimizer, final_eval, cfg, time.perf_counter() - epoch_start,
-                               train_seconds, state.step - first_step)
+                               train_seconds, state.step - first_step, runtime.peak_memory_mib())
                     score = final_eval["ema_top1" if cfg.eval.use_ema and ema is not None else "top1"]
                     is_best = score > state.best_top1
                     if is_best:
@@ -188,14 +188,15 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
 
 
 def _log_epoch(run: RunFolder, state: TrainState, optimizer, result: dict[str, Any], cfg: Config,
-               seconds: float, train_seconds: float, steps: int) -> None:
+               seconds: float, train_seconds: float, steps: int, peak_memory_mib: float | None) -> None:
     """A metrics.csv row: ``img_per_s`` is the training throughput (the evaluation excluded), ``epoch_seconds``
-    the epoch's wall time with its evaluation."""
+    the epoch's wall time with its evaluation, ``peak_memory_mib`` the runtime's peak so far."""
     run.log_epoch({
         "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
         "train_loss": state.epoch_loss, "eval_loss": result["loss"], "top1": result["top1"], "top5": result["top5"],
         "ema_top1": result.get("ema_top1"), "img_per_s": steps * cfg.optim.global_batch_size / train_seconds,
-        "epoch_seconds": seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips})
+        "epoch_seconds": seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips,
+        "peak_memory_mib": peak_memory_mib})
     log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f", state.epoch, state.step,
              state.epoch_loss, result["top1"], result["top5"], result["loss"])
 

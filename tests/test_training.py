@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import resource
 
 import pytest
 import torch
@@ -121,6 +122,9 @@ def test_run_folder_records_everything(image_root, tmp_path):
         epochs = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in epochs] == [0, 1] and [int(r["step"]) for r in epochs] == [6, 7]
     assert float(epochs[-1]["top1"]) == pytest.approx(result["top1"])
+    # a CPU's peak memory: this process's peak resident memory, so far at the row's time
+    peaks = [float(r["peak_memory_mib"]) for r in epochs]
+    assert 100 < peaks[0] <= peaks[1] <= resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(out / "steps.csv") as f:
         steps = list(csv.DictReader(f))
     assert [int(r["step"]) for r in steps] == list(range(1, 8))

@@ -7,6 +7,7 @@ process feeds ``shard_ids``.
 from __future__ import annotations
 
 import contextlib
+import resource
 import socket
 from typing import Any, Callable, Iterator
 
@@ -133,6 +134,11 @@ class Runtime:
 
     def synchronize(self) -> None:
         """Waits until the device has run everything queued (for timing); the CPU runs synchronously."""
+
+    def peak_memory_mib(self) -> float | None:
+        """The most memory the training has held so far, in MiB: on a CPU the process's peak resident memory (a
+        resumed run counts from its restart), on an accelerator its allocator's peak; None where unknown."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
     # --- data -----------------------------------------------------------------------------------------
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:

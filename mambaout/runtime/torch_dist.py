@@ -227,6 +227,11 @@ class TorchRuntime(Runtime):
         if self.kind == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def peak_memory_mib(self) -> float | None:
+        if self.kind == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return super().peak_memory_mib()
+
     def optimizer_step(self, optimizer, finite):
         if self.scaler is None:
             return super().optimizer_step(optimizer, finite)

@@ -231,6 +231,13 @@ class XlaRuntime(Runtime):
         self.mark_step()
         self._xm.wait_device_ops()
 
+    def peak_memory_mib(self) -> float | None:
+        """The device's peak from PJRT's memory statistics (TPU); XLA's CPU client keeps none."""
+        if self._xr.device_type() == "CPU":
+            return None
+        peak = self._xm.get_memory_info(self.device).get("peak_bytes_used")
+        return None if peak is None else peak / 2**20
+
     # --- data -----------------------------------------------------------------------------------------
     def wrap_loader(self, loader: Any) -> Any:
         if isinstance(loader, _DeviceLoader):
