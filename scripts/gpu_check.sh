@@ -15,6 +15,7 @@
 #   4. validate.py on that run's checkpoint; with 2+ GPUs a 2-process NCCL run of train.py;
 #   5. the model step (bf16, channels-last), eager and compiled: ours in both block formulations vs timm's;
 #   6. train.py's full step against a bare loop and timm's model (benchmark_train.py), femto/tiny/small, MFU.
+#   7. the selective scan (forward + backward at stage-1 length): portable chunks vs mamba_ssm's kernel if installed.
 # The cuda tests include the sync-debug test: no host synchronisation inside a training step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,6 +89,7 @@ for mode in eager compiled; do
   check "model-small-$mode" "$PYTHON" scripts/benchmark_model.py --model mambaout_small --batch-size 128 \
     --device cuda --precision bf16 --channels-last --rounds 10 --warmup 3 $([ $mode = compiled ] && echo --compile)
 done
+check ssm-scan "$PYTHON" scripts/benchmark_ssm.py --device cuda --batch 64 --chunks 64,256
 for variant in femto tiny small; do
   check "train-step-$variant" "$PYTHON" scripts/benchmark_train.py --model "mambaout_$variant" --batch 128 \
     --steps 15 --rounds 2 --device cuda train.precision=bf16 train.channels_last=true data.num_workers=8
@@ -106,6 +108,9 @@ tail -n 1 "$OUT_DIR/deterministic-cost.log"
 echo
 echo "model step (img/s, ratio to timm):"
 cat "$OUT_DIR"/model-small-*.log 2>/dev/null | grep -E "img/s|block form|mambaout"
+echo
+echo "selective scan:"
+grep -E "ms, peak|selective" "$OUT_DIR/ssm-scan.log" 2>/dev/null
 echo
 echo "train.py step against the bare loop:"
 for variant in femto tiny small; do grep -aE "x the bare loop|batch" "$OUT_DIR/train-step-$variant.log" | tr '\r' '\n' \

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mambaout.models.published import PUBLISHED
+from mambaout.models.ssm import SelectiveScan2d
 
 __all__ = ['MambaOut', 'VARIANTS', 'PRETRAINED_CFGS']
 
@@ -37,7 +38,8 @@ BLOCK_FORMS = ('auto', 'sliced', 'dense')
 # fuses either into the same kind of graph and keeps the sliced form its tests were measured with.
 AUTO_BLOCK_FORM = {'cpu': 'sliced', 'xla': 'sliced', 'cuda': 'dense'}
 
-# Name -> MambaOut(**settings). The first five are the paper's models, the rest timm's experiments.
+# Name -> MambaOut(**settings). The first five are the paper's models, then timm's experiments, then the Mamba
+# twins of the paper's ablation (the SSM put back into every block; same depths and dims; no released weights).
 VARIANTS: dict[str, dict] = {
     'mambaout_femto': dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288)),
     'mambaout_kobe': dict(depths=(3, 3, 15, 3), dims=(48, 96, 192, 288)),  # Kobe memorial: 24 blocks
@@ -53,6 +55,8 @@ VARIANTS: dict[str, dict] = {
         depths=(3, 4, 27, 3), dims=_BASE_DIMS, expansion_ratio=3.0, conv_ratio=1.5, act_layer='silu', **_RW),
     'mambaout_base_plus_rw': dict(
         depths=(3, 4, 30, 3), dims=_BASE_DIMS, expansion_ratio=3.0, conv_ratio=1.5, act_layer='silu', **_RW),
+    'mambaout_femto_ssm': dict(depths=(3, 3, 9, 3), dims=(48, 96, 192, 288), ssm_scan='bidirectional'),
+    'mambaout_tiny_ssm': dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 576), ssm_scan='bidirectional'),
 }
 
 
@@ -77,6 +81,8 @@ PRETRAINED_CFGS: dict[str, dict] = {
     'mambaout_base_wide_rw': _cfg(
         hf_hub_id='timm/mambaout_base_wide_rw.sw_e500_in1k', crop_pct=0.95, test_crop_pct=1.0),
     'mambaout_base_plus_rw': _cfg(hf_hub_id='timm/mambaout_base_plus_rw.sw_e150_in12k_ft_in1k'),
+    'mambaout_femto_ssm': _cfg(),
+    'mambaout_tiny_ssm': _cfg(),
 }
 
 
@@ -129,6 +135,9 @@ class Downsample(nn.Module):
 class GatedConvBlock(nn.Module):
     """Gated CNN block: ``x + fc2(act(g) * cat(i, dwconv(c)))`` with ``g, i, c = fc1(norm(x))``.
 
+    With ``ssm_scan`` (``ssm.SCAN_ORDERS``) it is the Mamba block of the paper's figure: the conv's output goes
+    through the activation and a selective scan (``ssm.SelectiveScan2d``, ``ssm_state`` states) before the gate.
+
     ``fc1``'s output rows are ``[g | i | c]`` (``hidden``, ``hidden - conv_channels``, ``conv_channels``). Two
     formulations compute the block, equal up to float rounding, with the same weights (``block_form``):
 
@@ -150,6 +159,8 @@ class GatedConvBlock(nn.Module):
             act_layer: Callable[[], nn.Module] = nn.GELU,
             ls_init_value: float | None = None,
             drop_path: float = 0.,
+            ssm_scan: str | None = None,
+            ssm_state: int = 16,
     ):
         super().__init__()
         hidden = int(expansion_ratio * dim)
@@ -165,6 +176,8 @@ class GatedConvBlock(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.ls = LayerScale(dim, ls_init_value) if ls_init_value is not None else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        # the Mamba block: an SSM after the token-mixing conv and its activation (SelectiveScan2d)
+        self.ssm = SelectiveScan2d(conv_channels, ssm_scan, ssm_state) if ssm_scan else None
         self.block_form = "auto"
 
     def forward(self, x: torch.Tensor, draw: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,7 +190,7 @@ class GatedConvBlock(nn.Module):
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
         gate_i, gate_c, i, c = (F.linear(y, w1[start:stop], b1[start:stop])
                                 for start, stop in pairwise(self.fc1_bounds))
-        c = _to_nhwc(self.conv(_to_nchw(c)))
+        c = self._mix_tokens(c)
         split = i.shape[-1]
         out = F.linear(self.act(gate_c) * c, w2[:, split:], self.fc2.bias)
         # fc2 over the i half accumulates onto `out` inside the GEMM (addmm), saving a separate add.
@@ -188,8 +201,13 @@ class GatedConvBlock(nn.Module):
         _, split, hidden, _, _ = self.fc1_bounds
         gates = self.act(F.linear(y, w1[:hidden], b1[:hidden]))
         i, c = F.linear(y, w1[hidden:], b1[hidden:]).split([split, hidden - split], dim=-1)
-        c = _to_nhwc(self.conv(_to_nchw(c)))
+        c = self._mix_tokens(c)
         return self.fc2(gates * torch.cat([i, c], dim=-1))
+
+    def _mix_tokens(self, c: torch.Tensor) -> torch.Tensor:
+        """The depthwise conv over the map, then (a Mamba block) the activation and the SSM."""
+        c = _to_nhwc(self.conv(_to_nchw(c)))
+        return c if self.ssm is None else self.ssm(self.act(c))
 
     def drop(self, branch: torch.Tensor, draw: torch.Tensor | None) -> torch.Tensor:
         """Stochastic depth of the residual branch: from the sample's ``draw`` ([B] uniforms) when given,
@@ -286,6 +304,10 @@ class MambaOut(nn.Module):
         head_hidden_norm: LayerNorm on the head's hidden features.
         head_dropout: dropout before the classifier.
         drop_path_rate: stochastic depth of the last block; rates rise linearly from 0 over all blocks.
+        ssm_scan: None (MambaOut: Gated CNN blocks), or the scan order of Mamba blocks: an SSM after each block's
+            token-mixing conv ('1d', 'bidirectional', 'cross'; see ``ssm.SCAN_ORDERS``).
+        ssm_stages: the stages (0-3) whose blocks get the SSM; None for all.
+        ssm_state: the SSM's state size N.
         features_only: build no head; ``forward`` returns the four stage maps (see ``forward_intermediates``).
     """
 
@@ -305,6 +327,9 @@ class MambaOut(nn.Module):
             head_hidden_norm: bool = True,
             head_dropout: float = 0.,
             drop_path_rate: float = 0.,
+            ssm_scan: str | None = None,
+            ssm_stages: Sequence[int] | None = None,
+            ssm_state: int = 16,
             features_only: bool = False,
     ):
         super().__init__()
@@ -330,6 +355,8 @@ class MambaOut(nn.Module):
                 kernel_size=kernel_size,
                 act_layer=act_layer,
                 ls_init_value=ls_init_value,
+                ssm_scan=ssm_scan if ssm_stages is None or index in ssm_stages else None,
+                ssm_state=ssm_state,
             )
             for index, (in_dim, dim, stage_rates) in enumerate(zip(in_dims, dims, rates, strict=True))
         ])
@@ -344,6 +371,10 @@ class MambaOut(nn.Module):
         """Recompute each block's activations in the backward pass instead of storing them."""
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """The SSM's decays and skips, which Mamba trains without weight decay (the optimizer's exclusions)."""
+        return {name for name, _ in self.named_parameters() if name.endswith(('.A_log', '.D'))}
 
     def set_block_form(self, form: str) -> None:
         """The formulation of every Gated CNN block (``BLOCK_FORMS``; the weights are the same)."""

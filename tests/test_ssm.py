@@ -1,0 +1,239 @@
+"""The portable selective scan against its definition, run step by step in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mambaout.models.ssm import selective_scan
+
+
+def scan_by_definition(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False):
+    """The selective scan from its definition: one step at a time, float64."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if softplus:
+        delta = F.softplus(delta)
+    state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+    ys = []
+    for t in range(u.shape[2]):
+        step_input = (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        state = torch.exp(delta[:, :, t, None] * A) * state + step_input
+        ys.append((state * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D.double()[:, None] * u
+    return (y if z is None else y * F.silu(z.double())), state
+
+
+def inputs(batch, channels, length, states, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype).requires_grad_()
+    # A as Mamba initialises it (-(1..N)); delta around softplus(-2.. 0.5): decays from ~1 to ~0 over a few steps
+    A = (-torch.arange(1, states + 1, dtype=dtype).repeat(channels, 1)).requires_grad_()
+    return dict(u=randn(batch, channels, length), delta=randn(batch, channels, length, scale=0.5), A=A,
+                B=randn(batch, states, length), C=randn(batch, states, length), D=randn(channels),
+                z=randn(batch, channels, length), delta_bias=randn(channels, scale=0.5))
+
+
+@pytest.mark.parametrize("length", [17, 196, 3136])
+def test_scan_matches_the_definition_in_values_and_gradients(length):
+    """fp32 chunked scan vs the float64 loop, with D, z, delta_bias and softplus: outputs and last state within
+    1e-5 relative, every input's gradient within 1e-4."""
+    args = inputs(2, 3, length, 4)
+    out, last = selective_scan(**args, delta_softplus=True, return_last_state=True)
+    reference, reference_last = scan_by_definition(*args.values(), softplus=True)
+    torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
+    torch.testing.assert_close(last.double(), reference_last, rtol=1e-5, atol=1e-6)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    ours = torch.autograd.grad((out * weights).sum(), list(args.values()))
+    theirs = torch.autograd.grad((reference * weights.double()).sum(), list(args.values()))
+    for name, a, b in zip(args, ours, theirs):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=name)
+
+
+def test_gradcheck_in_float64_across_chunks_and_padding():
+    """7 steps in chunks of 3 (the last one padded), every input."""
+    args = inputs(1, 2, 7, 3, dtype=torch.float64)
+
+    def scan(*tensors):
+        return selective_scan(*tensors, delta_softplus=True, chunk_size=3)
+    assert torch.autograd.gradcheck(scan, tuple(args.values()))
+
+
+def test_without_the_optional_terms_and_in_bf16():
+    args = inputs(1, 2, 9, 3)
+    plain = selective_scan(args["u"], args["delta"], args["A"], args["B"], args["C"])
+    reference, _ = scan_by_definition(args["u"], args["delta"], args["A"], args["B"], args["C"])
+    torch.testing.assert_close(plain.double(), reference, rtol=1e-5, atol=1e-6)
+    half = selective_scan(*(t.bfloat16() if t.is_floating_point() else t for t in
+                            (args["u"], args["delta"], args["A"], args["B"], args["C"])))
+    assert half.dtype == torch.bfloat16  # the output in the input's dtype, accumulated in fp32
+    with pytest.raises(ValueError, match=r"B must have shape \[1, 3, 9\]"):
+        selective_scan(args["u"], args["delta"], args["A"], args["B"][..., :4], args["C"])
+
+
+class LargestTensor(TorchDispatchMode):
+    """The element count of the largest tensor any operation produces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return result
+
+
+def test_no_operation_makes_a_batch_by_length_by_channels_by_states_tensor():
+    """At stage-1 length (3136) forward and backward stay per chunk: the largest tensor of any op is a small
+    fraction of batch x D x L x N (what an unchunked parallel scan holds, several times over)."""
+    batch, channels, length, states = 2, 32, 3136, 16
+    args = inputs(batch, channels, length, states)
+    with LargestTensor() as seen:
+        selective_scan(**args, delta_softplus=True).square().sum().backward()
+    assert seen.largest <= batch * channels * length * states // 10
+
+
+def scan_2d_by_index(mixer, x):
+    """SelectiveScan2d's forward written with explicit token orders (index permutations of the map)."""
+    from mambaout.models.ssm import SCAN_ORDERS
+
+    batch, height, width, channels = x.shape
+    grid = torch.arange(height * width).view(height, width)
+    rows, columns = grid.flatten(), grid.t().flatten()
+    orders = {"1d": [rows], "bidirectional": [rows, rows.flip(0)],
+              "cross": [rows, columns, rows.flip(0), columns.flip(0)]}[mixer.scan]
+    assert len(orders) == SCAN_ORDERS[mixer.scan]
+    tokens = x.flatten(1, 2)  # [B, H*W, C], row-major
+    out = torch.zeros_like(tokens)
+    for k, order in enumerate(orders):
+        sequence = tokens[:, order].transpose(1, 2)  # [B, C, L]
+        projected = torch.einsum("bcl,rc->brl", sequence, mixer.x_proj[k])
+        dt, B, C = projected.split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=1)
+        delta = torch.einsum("brl,cr->bcl", dt, mixer.dt_proj_weight[k])
+        y = selective_scan(sequence, delta, -torch.exp(mixer.A_log[k]), B, C, mixer.D[k],
+                           delta_bias=mixer.dt_proj_bias[k], delta_softplus=True)
+        out[:, order] += y.transpose(1, 2)
+    return out.view(batch, height, width, channels)
+
+
+@pytest.mark.parametrize("scan", ["1d", "bidirectional", "cross"])
+def test_2d_scan_orders_undo_their_reordering(scan):
+    """Each direction's output lands back on the token it came from (checked against index permutations), on a
+    non-square map; 1d is causal in row-major order, the others see the whole map."""
+    from mambaout.models.ssm import SelectiveScan2d
+
+    torch.manual_seed(0)
+    mixer = SelectiveScan2d(6, scan, d_state=4)
+    with torch.no_grad():
+        mixer.x_proj.normal_()  # larger step sizes than at init: every token reaches the others
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    out = mixer(x)
+    torch.testing.assert_close(out, scan_2d_by_index(mixer, x), rtol=1e-5, atol=1e-6)
+    reach = torch.autograd.grad(out[0, 1, 2].sum(), x)[0][0].abs().sum(-1)  # [H, W]: which tokens feed (1, 2)
+    later = torch.arange(15).view(3, 5) > 1 * 5 + 2
+    if scan == "1d":
+        assert reach[later].max() == 0 and reach[~later].min() > 0
+    else:
+        assert reach.min() > 0
+
+
+def test_mamba_twins_are_registered_and_train_their_ssm():
+    """mambaout_femto_ssm: femto's depths and dims with an SSM in every block (or the chosen stages); its
+    decays and skips train, without weight decay."""
+    from mambaout import create_model, list_models
+    from mambaout.optim import create_optimizer
+
+    assert {"mambaout_femto_ssm", "mambaout_tiny_ssm"} <= set(list_models())
+    twin, plain = create_model("mambaout_femto_ssm", num_classes=3), create_model("mambaout_femto", num_classes=3)
+    assert [len(s.blocks) for s in twin.stages] == [len(s.blocks) for s in plain.stages] == [3, 3, 9, 3]
+    assert all(block.ssm is not None and block.ssm.scan == "bidirectional"
+               for stage in twin.stages for block in stage.blocks)
+    assert set(plain.state_dict()) < set(twin.state_dict())  # the Gated CNN's weights, plus the SSM's
+    some = create_model("mambaout_femto_ssm", num_classes=3, ssm_stages=(2, 3), ssm_scan="cross")
+    assert [stage.blocks[0].ssm is not None for stage in some.stages] == [False, False, True, True]
+    twin(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
+    a_log = twin.stages[0].blocks[0].ssm.A_log
+    assert a_log.grad is not None and a_log.grad.abs().sum() > 0
+    optimizer = create_optimizer(twin, 1e-3, 0.05, 1e-8, (0.9, 0.999))
+    undecayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert id(a_log) in undecayed and id(twin.stages[0].blocks[0].ssm.x_proj) not in undecayed
+
+
+def test_macs_of_a_mamba_twin_add_its_projections_and_its_scans():
+    """count_macs(femto_ssm) - count_macs(femto) at 224 px is, block by block and per direction, the two
+    projections (x_proj to dt, B, C; dt_proj) as GEMMs plus the scan by its definition (4 N + 2 per token and
+    channel)."""
+    import math
+
+    from mambaout import create_model
+    from mambaout.models.info import count_macs
+
+    with torch.device("meta"):
+        twin, plain = create_model("mambaout_femto_ssm"), create_model("mambaout_femto")
+    expected = 0
+    for (depth, dim), side in zip([(3, 48), (3, 96), (9, 192), (3, 288)], [56, 28, 14, 7]):
+        rank, states, tokens = math.ceil(dim / 16), 16, side * side
+        expected += depth * 2 * tokens * dim * ((rank + 2 * states) + rank + (4 * states + 2))
+    assert count_macs(twin, 224) - count_macs(plain, 224) == expected
+
+
+def test_ablation_script_trains_both_and_prints_one_table(image_root, tmp_path):
+    """scripts/ablation.py on a tiny folder dataset: both runs train (their own run folders) and the table has a
+    row per model with its params, GMACs, img/s, peak memory and top-1."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mambaout import create_model
+
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [f"data.root={image_root}", "data.img_size=32", "data.num_workers=0", "train.max_steps=2",
+                 "optim.global_batch_size=8", "train.micro_batch_size=8", "eval.batch_size=8", "sched.epochs=1",
+                 "sched.warmup_epochs=0", "runtime.device=cpu"]
+    done = subprocess.run([sys.executable, "scripts/ablation.py", "--out", str(tmp_path / "ablation"), *overrides],
+                          cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = re.findall(r"^\| (mambaout_\w+) \| ([\d.]+)M \| ([\d.]+) \| ([\d.]+) \| (\d+) MiB \| ([\d.]+) \|$",
+                      done.stdout, re.MULTILINE)
+    assert [row[0] for row in rows] == ["mambaout_femto", "mambaout_femto_ssm"]
+    for name, params, gmacs, rate, peak, top1 in rows:
+        expected = sum(p.numel() for p in create_model(name, num_classes=4).parameters())
+        assert float(params) == pytest.approx(expected / 1e6, abs=0.005)
+        assert float(gmacs) > 0 and float(rate) > 0 and int(peak) > 100 and 0 <= float(top1) <= 100
+        assert (tmp_path / "ablation" / name.replace("mambaout_", "") / "best.pth").exists()
+    assert float(rows[1][2]) > float(rows[0][2])  # the scan's MACs
+
+
+def test_a_mamba_twin_resumes_bit_exactly(image_root, tmp_path):
+    """femto_ssm through train(): 2 steps, then a resume to 4, equal 4 uninterrupted steps in every weight (drop
+    path keyed per sample, the scan deterministic)."""
+    import json
+
+    from conftest import tiny_overrides
+    from mambaout.checkpoint import load_training_checkpoint
+    from mambaout.config import load_config
+    from mambaout.trainer import train
+
+    def run(out, steps):
+        train(load_config(None, tiny_overrides(image_root, out, **{"model.name": "mambaout_femto_ssm",
+                                                                    "train.max_steps": steps})))
+        return load_training_checkpoint(out / "last.pth")
+
+    straight = run(tmp_path / "straight", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4)
+    assert resumed["train_state"]["step"] == straight["train_state"]["step"] == 4
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert [entry["step"] for entry in manifest["resumes"]] == [2]  # it continued from step 2, not from 0
+    assert all(torch.equal(resumed["model"][k], v) for k, v in straight["model"].items())
+    assert any(k.endswith("ssm.A_log") for k in straight["model"])
