@@ -40,28 +40,37 @@ def inputs(batch, channels, length, states, dtype=torch.float32, seed=0):
                 z=randn(batch, channels, length), delta_bias=randn(channels, scale=0.5))
 
 
+@pytest.fixture(params=["stepwise", "parallel"])
+def recurrence(request, monkeypatch):
+    """Both ways the recurrence runs inside a chunk: step by step (CPUs) and the parallel prefix scan (GPUs, XLA)."""
+    from mambaout.models import ssm
+
+    monkeypatch.setattr(ssm, "STEPWISE_DEVICES", {"cpu"} if request.param == "stepwise" else set())
+    return request.param
+
+
 @pytest.mark.parametrize("length", [17, 196, 3136])
-def test_scan_matches_the_definition_in_values_and_gradients(length):
+def test_scan_matches_the_definition_in_values_and_gradients(length, recurrence):
     """fp32 chunked scan vs the float64 loop, with D, z, delta_bias and softplus: outputs and last state within
-    1e-5 relative, every input's gradient within 1e-4."""
+    1e-5 relative, every input's gradient (through the output and the last state) within 1e-4."""
     args = inputs(2, 3, length, 4)
     out, last = selective_scan(**args, delta_softplus=True, return_last_state=True)
     reference, reference_last = scan_by_definition(*args.values(), softplus=True)
     torch.testing.assert_close(out.double(), reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
     torch.testing.assert_close(last.double(), reference_last, rtol=1e-5, atol=1e-6)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    ours = torch.autograd.grad((out * weights).sum(), list(args.values()))
-    theirs = torch.autograd.grad((reference * weights.double()).sum(), list(args.values()))
+    ours = torch.autograd.grad((out * weights).sum() + last.sum(), list(args.values()))
+    theirs = torch.autograd.grad((reference * weights.double()).sum() + reference_last.sum(), list(args.values()))
     for name, a, b in zip(args, ours, theirs):
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=name)
 
 
-def test_gradcheck_in_float64_across_chunks_and_padding():
-    """7 steps in chunks of 3 (the last one padded), every input."""
+def test_gradcheck_in_float64_across_chunks(recurrence):
+    """7 steps in chunks of 3 (the last one shorter), every input, through the output and the last state."""
     args = inputs(1, 2, 7, 3, dtype=torch.float64)
 
     def scan(*tensors):
-        return selective_scan(*tensors, delta_softplus=True, chunk_size=3)
+        return selective_scan(*tensors, delta_softplus=True, chunk_size=3, return_last_state=True)
     assert torch.autograd.gradcheck(scan, tuple(args.values()))
 
 
@@ -92,7 +101,7 @@ class LargestTensor(TorchDispatchMode):
         return result
 
 
-def test_no_operation_makes_a_batch_by_length_by_channels_by_states_tensor():
+def test_no_operation_makes_a_batch_by_length_by_channels_by_states_tensor(recurrence):
     """At stage-1 length (3136) forward and backward stay per chunk: the largest tensor of any op is a small
     fraction of batch x D x L x N (what an unchunked parallel scan holds, several times over)."""
     batch, channels, length, states = 2, 32, 3136, 16

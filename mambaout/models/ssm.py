@@ -8,12 +8,15 @@ and the token mixer that runs it over a 2D map in the orders of the visual Mamba
 
 with ``delta = softplus(delta + delta_bias)`` when asked, everything accumulated in fp32 (float64 inputs: float64).
 
-The portable scan splits the sequence into chunks of ``chunk_size`` steps. Inside a chunk every step is computed
-at once by a parallel prefix scan (log2(chunk) rounds over the chunk, only products of decays, which cannot
-overflow); the chunks follow one another through their end states. Each chunk is recomputed in the backward
-pass (activation checkpointing), so memory holds the inputs, one state per chunk and one chunk's work: at
-stage-1 lengths (L = 3136 at 224 px) never a ``batch x L x D x N`` tensor (scripts/benchmark_ssm.py measures
-it). Shapes depend only on the input shapes (the sequence is padded to whole chunks), so XLA compiles it.
+The portable scan splits the sequence into chunks of ``chunk_size`` steps and writes its backward out: the
+gradient of a linear recurrence is the same recurrence run backwards (transposed), so forward and backward are
+one primitive each plus elementwise work and small GEMMs. Inside a chunk the recurrence runs step by step on
+CPUs (one fused multiply-add per step: the least work) and as a parallel prefix scan elsewhere (log2(chunk)
+rounds over the chunk, only products of decays, which cannot overflow); the chunks follow one another through
+their end states. The forward keeps one state per chunk and the backward recomputes one chunk at a time, so
+memory holds the inputs and one chunk's work: at stage-1 lengths (L = 3136 at 224 px) never a
+``batch x L x D x N`` tensor (scripts/benchmark_ssm.py measures it). Shapes depend only on the input shapes, so
+XLA compiles it.
 """
 from __future__ import annotations
 
@@ -23,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK = 32  # on 2 CPU cores at L = 3136: 3.7 s and 176 MiB, against 5.4 s and 307 MiB for 128
+DEFAULT_CHUNK = 32  # on 2 CPU cores at L = 3136 (scripts/benchmark_ssm.py): 0.32 s and 218 MiB; 16: 0.45 s
+STEPWISE_DEVICES = {"cpu"}  # device types whose recurrence runs step by step (``_recurrence``)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -84,43 +87,123 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
 def _chunked_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                   chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """y (batch, D, L) without the D and z terms, and the last state (batch, D, N)."""
-    batch, channels, length = u.shape
-    chunk_size = min(chunk_size, length)  # a short sequence (a late stage's map) is one chunk, unpadded
-    pad = -length % chunk_size
-    if pad:  # delta 0 on the padding: decay 1, input 0, so the last state is that of the true last step
-        u, delta, B, C = (F.pad(t, (0, pad)) for t in (u, delta, B, C))
-    state = u.new_zeros(batch, channels, A.shape[1])
-    outputs = []
-    for start in range(0, length + pad, chunk_size):
-        parts = [t[..., start:start + chunk_size] for t in (u, delta, B, C)]
-        if torch.is_grad_enabled() and pad + length > chunk_size:  # one chunk: nothing to save by recomputing
-            y, state = checkpoint(_scan_chunk, state, *parts, A, use_reentrant=False)
-        else:
-            y, state = _scan_chunk(state, *parts, A)
-        outputs.append(y)
-    return torch.cat(outputs, dim=-1)[..., :length], state
+    return _ChunkedScan.apply(u, delta, A, B, C, chunk_size)
 
 
-def _scan_chunk(state: torch.Tensor, u: torch.Tensor, delta: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One chunk of T steps from ``state`` (batch, D, N): every step's output (batch, D, T) and the end state.
+class _ChunkedScan(torch.autograd.Function):
+    """The scan chunk by chunk, with its backward written out: the gradient of a linear recurrence is the same
+    recurrence run backwards, so forward and backward are one primitive (``_recurrence``) each plus elementwise
+    work and small GEMMs per chunk. The forward keeps the state at each chunk's start; the backward recomputes one
+    chunk's states at a time, last chunk first, so memory holds one chunk of ``batch x D x T x N`` tensors.
 
-    The recurrence ``x_t = a_t x_{t-1} + b_t`` composes associatively, ``(a, b) then (a', b') = (a a', a' b + b')``,
-    so log2(T) rounds of doubling span (Hillis-Steele) give every prefix at once: in round ``s`` each step takes
-    in the composite ending ``s`` steps before it. Only products of decays in (0, 1] appear: nothing overflows.
-    """
-    decay = torch.exp(delta[..., None] * A[:, None, :])  # a_t: (batch, D, T, N)
-    inputs = (delta * u)[..., None] * B.transpose(1, 2)[:, None]  # b_t = delta_t B_t u_t: (batch, D, T, N)
+    Inside a chunk the tensors are time-major, (T, batch, D, N): each step is one contiguous slice."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, chunk_size):
+        starts = []  # the state entering each chunk
+        state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        outputs = []
+        du, delta_t, B_t, C_t = (_time_major(t) for t in (delta * u, delta, B, C))
+        for chunk in _chunks(u.shape[2], chunk_size):
+            starts.append(state)
+            states = _chunk_states(state, delta_t[chunk], A, du[chunk], B_t[chunk])
+            outputs.append(_readout(states, C_t[chunk]))
+            state = states[-1].clone()  # not a view: it would keep the chunk's states alive
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
+        ctx.chunk_size = chunk_size
+        return torch.cat(outputs).permute(1, 2, 0), state  # y: (batch, D, L)
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):
+        u, delta, A, B, C, *starts = ctx.saved_tensors
+        du_all, delta_t, B_t, C_t = (_time_major(t) for t in (delta * u, delta, B, C))
+        grad_y = _time_major(grad_y if grad_y is not None else torch.zeros_like(u))
+        carry = grad_last if grad_last is not None else torch.zeros_like(starts[0])  # dL/dx of the chunk's end
+        grad_du, grad_delta, grad_B, grad_C = [], [], [], []
+        grad_A = torch.zeros_like(A)
+        for chunk, start in reversed(list(zip(_chunks(u.shape[2], ctx.chunk_size), starts))):
+            decay = (delta_t[chunk, ..., None] * A).exp_()
+            states = _chunk_states(start, delta_t[chunk], A, du_all[chunk], B_t[chunk], decay)
+            g = grad_y[chunk]
+            # dL/dx_t = C_t g_t + a_{t+1} dL/dx_{t+1}: the transposed recurrence, the carry entering at the end
+            grads = g[..., None] * C_t[chunk][:, :, None, :]
+            grads[-1] += carry
+            grads = _recurrence(decay, grads, transposed=True)
+            carry = grads[0] * decay[0]  # dL/dx at the previous chunk's end
+            grad_du.append(_contract_states(grads, B_t[chunk]))  # sum over n of dL/dx_t B_t
+            grad_B.append(_contract_channels(grads, du_all[chunk]))
+            grad_C.append(_contract_channels(states, g))
+            d_log_decay = grads.mul_(decay)  # dL/d(delta_t A) = dL/dx_t x_{t-1} a_t
+            d_log_decay[1:] *= states[:-1]
+            d_log_decay[0] *= start
+            grad_A += torch.einsum("tbdn,tbd->dn", d_log_decay, delta_t[chunk])
+            grad_delta.append((d_log_decay * A).sum(-1))
+        grad_du, grad_delta, grad_B, grad_C = (torch.cat(parts[::-1]).permute(1, 2, 0)
+                                               for parts in (grad_du, grad_delta, grad_B, grad_C))
+        return grad_du * delta, grad_delta + grad_du * u, grad_A, grad_B, grad_C, None
+
+
+def _chunks(length: int, chunk_size: int) -> list[slice]:
+    """The time slices of the chunks; the last may be shorter (its shape still depends only on ``length``)."""
+    return [slice(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size)]
+
+
+def _time_major(x: torch.Tensor) -> torch.Tensor:
+    """(batch, C, L) -> (L, batch, C), contiguous."""
+    return x.permute(2, 0, 1).contiguous()
+
+
+def _chunk_states(start: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, du: torch.Tensor, B: torch.Tensor,
+                  decay: torch.Tensor | None = None) -> torch.Tensor:
+    """Every state x_t (T, batch, D, N) of a chunk from the state before it, ``x_t = exp(delta_t A) x_{t-1} +
+    delta_t u_t B_t``; time-major inputs ``delta, du`` (T, batch, D), ``B`` (T, batch, N)."""
+    if decay is None:
+        decay = (delta[..., None] * A).exp_()
+    inputs = du[..., None] * B[:, :, None, :]
+    inputs[0] += decay[0] * start
+    return _recurrence(decay, inputs)
+
+
+def _readout(states: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """y_t = <x_t, C_t>: (T, batch, D, N), (T, batch, N) -> (T, batch, D). Elementwise, like the rest of the
+    forward, so that ``models.info.count_macs`` counts the scan once, by its definition (``scan_macs``)."""
+    return (states * C[:, :, None, :]).sum(-1)
+
+
+def _contract_states(states: torch.Tensor, per_state: torch.Tensor) -> torch.Tensor:
+    """sum over n of states[t, b, d, n] * per_state[t, b, n], as one batched GEMM: (T, batch, D)."""
+    t, b, d, n = states.shape
+    return torch.bmm(states.view(t * b, d, n), per_state.reshape(t * b, n, 1)).view(t, b, d)
+
+
+def _contract_channels(states: torch.Tensor, per_channel: torch.Tensor) -> torch.Tensor:
+    """sum over d of states[t, b, d, n] * per_channel[t, b, d], as one batched GEMM: (T, batch, N)."""
+    t, b, d, n = states.shape
+    return torch.bmm(per_channel.reshape(t * b, 1, d), states.view(t * b, d, n)).view(t, b, n)
+
+
+def _recurrence(decay: torch.Tensor, inputs: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """x_t = decay_t x_{t-1} + inputs_t along dim 0 from x_{-1} = 0, in place of ``inputs``; ``transposed``: the
+    recurrence's transpose (its gradient), x_t = decay_{t+1} x_{t+1} + inputs_t from the end.
+
+    On a CPU step by step (one fused multiply-add per step over a contiguous slice: the least work); elsewhere by
+    doubling spans (Hillis-Steele, log2(T) rounds of whole-chunk operations, which GPUs and XLA run in parallel):
+    ``(a, b) then (a', b') = (a a', a' b + b')`` is associative, and in round ``s`` each step takes in the
+    composite ending ``s`` steps before it. Only products of decays in (0, 1] appear: nothing overflows."""
+    steps = inputs.shape[0]
+    if inputs.device.type in STEPWISE_DEVICES:
+        for t in (range(steps - 2, -1, -1) if transposed else range(1, steps)):
+            inputs[t].addcmul_(decay[t + 1] if transposed else decay[t], inputs[t + 1] if transposed else inputs[t - 1])
+        return inputs
+    if transposed:  # the same recurrence on the reversed sequence, each step's decay taken from the next step
+        shifted = torch.cat([decay[1:], torch.ones_like(decay[:1])])
+        return _recurrence(shifted.flip(0), inputs.flip(0)).flip(0)
     span = 1
-    while span < decay.shape[2]:
-        earlier_inputs = F.pad(inputs[:, :, :-span], (0, 0, span, 0))  # before the chunk: the identity (1, 0)
-        earlier_decay = F.pad(decay[:, :, :-span], (0, 0, span, 0), value=1.0)
-        inputs = inputs + decay * earlier_inputs
-        decay = decay * earlier_decay
+    while span < steps:
+        inputs = torch.cat([inputs[:span], inputs[span:] + decay[span:] * inputs[:-span]])
+        decay = torch.cat([decay[:span], decay[span:] * decay[:-span]])
         span *= 2
-    states = inputs + decay * state[:, :, None, :]  # now decay_t = a_1...a_t: the start state carried to t
-    y = (states * C.transpose(1, 2)[:, None]).sum(-1)  # elementwise, like the rest: scan_macs counts the scan
-    return y, states[:, :, -1].clone()  # not a view: it would keep the whole chunk alive
+    return inputs
 
 
 SCAN_ORDERS = {"1d": 1, "bidirectional": 2, "cross": 4}
