@@ -103,11 +103,12 @@ class _ChunkedScan(torch.autograd.Function):
         starts = []  # the state entering each chunk
         state = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])
         outputs = []
-        du, delta_t, B_t, C_t = (_time_major(t) for t in (delta * u, delta, B, C))
+        du = delta * u
         for chunk in _chunks(u.shape[2], chunk_size):
             starts.append(state)
-            states = _chunk_states(state, delta_t[chunk], A, du[chunk], B_t[chunk])
-            outputs.append(_readout(states, C_t[chunk]))
+            delta_t, du_t, B_t, C_t = _time_major(chunk, delta, du, B, C)
+            states = _chunk_states(state, delta_t, A, du_t, B_t)
+            outputs.append(_readout(states, C_t))
             state = states[-1].clone()  # not a view: it would keep the chunk's states alive
         ctx.save_for_backward(u, delta, A, B, C, *starts)
         ctx.chunk_size = chunk_size
@@ -116,31 +117,37 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_last):
         u, delta, A, B, C, *starts = ctx.saved_tensors
-        du_all, delta_t, B_t, C_t = (_time_major(t) for t in (delta * u, delta, B, C))
-        grad_y = _time_major(grad_y if grad_y is not None else torch.zeros_like(u))
+        grad_y = grad_y if grad_y is not None else torch.zeros_like(u)
         carry = grad_last if grad_last is not None else torch.zeros_like(starts[0])  # dL/dx of the chunk's end
-        grad_du, grad_delta, grad_B, grad_C = [], [], [], []
         grad_A = torch.zeros_like(A)
+        per_chunk = []
+        du = delta * u
         for chunk, start in reversed(list(zip(_chunks(u.shape[2], ctx.chunk_size), starts))):
-            decay = (delta_t[chunk, ..., None] * A).exp_()
-            states = _chunk_states(start, delta_t[chunk], A, du_all[chunk], B_t[chunk], decay)
-            g = grad_y[chunk]
-            # dL/dx_t = C_t g_t + a_{t+1} dL/dx_{t+1}: the transposed recurrence, the carry entering at the end
-            grads = g[..., None] * C_t[chunk][:, :, None, :]
-            grads[-1] += carry
-            grads = _recurrence(decay, grads, transposed=True)
-            carry = grads[0] * decay[0]  # dL/dx at the previous chunk's end
-            grad_du.append(_contract_states(grads, B_t[chunk]))  # sum over n of dL/dx_t B_t
-            grad_B.append(_contract_channels(grads, du_all[chunk]))
-            grad_C.append(_contract_channels(states, g))
-            d_log_decay = grads.mul_(decay)  # dL/d(delta_t A) = dL/dx_t x_{t-1} a_t
-            d_log_decay[1:] *= states[:-1]
-            d_log_decay[0] *= start
-            grad_A += torch.einsum("tbdn,tbd->dn", d_log_decay, delta_t[chunk])
-            grad_delta.append((d_log_decay * A).sum(-1))
-        grad_du, grad_delta, grad_B, grad_C = (torch.cat(parts[::-1]).permute(1, 2, 0)
-                                               for parts in (grad_du, grad_delta, grad_B, grad_C))
+            grads, carry = _chunk_backward(start, A, *_time_major(chunk, delta, du, B, C, grad_y), carry)
+            grad_A += grads.pop()
+            per_chunk.append(grads)
+        grad_du, grad_delta, grad_B, grad_C = (torch.cat(parts[::-1]).permute(1, 2, 0) for parts in zip(*per_chunk))
         return grad_du * delta, grad_delta + grad_du * u, grad_A, grad_B, grad_C, None
+
+
+def _chunk_backward(start, A, delta, du, B, C, grad_y, carry):
+    """One chunk's gradients (time-major) from its start state and ``carry``, dL/dx at its end: those of
+    delta u, delta (through the decays), B, C and A, and dL/dx at the previous chunk's end."""
+    decay = (delta[..., None] * A).exp_()
+    states = _chunk_states(start, delta, A, du, B, decay)
+    # dL/dx_t = C_t g_t + a_{t+1} dL/dx_{t+1}: the transposed recurrence, the carry entering at the end
+    grads = grad_y[..., None] * C[:, :, None, :]
+    grads[-1] += carry
+    grads = _recurrence(decay, grads, transposed=True)
+    carry = grads[0] * decay[0]
+    grad_du = _contract_states(grads, B)  # sum over n of dL/dx_t B_t
+    grad_B, grad_C = _contract_channels(grads, du), _contract_channels(states, grad_y)
+    d_log_decay = grads.mul_(decay)  # dL/d(delta_t A) = dL/dx_t x_{t-1} a_t
+    d_log_decay[1:] *= states[:-1]
+    d_log_decay[0] *= start
+    grad_delta = (d_log_decay * A).sum(-1)
+    grad_A = torch.einsum("tbdn,tbd->dn", d_log_decay, delta)
+    return [grad_du, grad_delta, grad_B, grad_C, grad_A], carry
 
 
 def _chunks(length: int, chunk_size: int) -> list[slice]:
@@ -148,9 +155,9 @@ def _chunks(length: int, chunk_size: int) -> list[slice]:
     return [slice(start, min(start + chunk_size, length)) for start in range(0, length, chunk_size)]
 
 
-def _time_major(x: torch.Tensor) -> torch.Tensor:
-    """(batch, C, L) -> (L, batch, C), contiguous."""
-    return x.permute(2, 0, 1).contiguous()
+def _time_major(chunk: slice, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The chunk's time slice of each (batch, C, L) tensor as (T, batch, C), contiguous."""
+    return [t[..., chunk].permute(2, 0, 1).contiguous() for t in tensors]
 
 
 def _chunk_states(start: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, du: torch.Tensor, B: torch.Tensor,
