@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from mambaout import create_model  # noqa: E402
+from mambaout import create_model, list_models  # noqa: E402
 from mambaout.models.info import count_macs  # noqa: E402
 from mambaout.models.published import PUBLISHED  # noqa: E402
 
@@ -23,7 +23,8 @@ from mambaout.models.published import PUBLISHED  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--models', nargs='+', default=list(PUBLISHED), help='names for create_model')
+    parser.add_argument('--models', nargs='+', default=[*PUBLISHED, *list_models('*_ssm')],
+                        help='names for create_model (default: the published variants and their Mamba twins)')
     return parser.parse_args()
 
 
