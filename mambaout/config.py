@@ -4,10 +4,16 @@ Every key, its type, default and help text live in the dataclasses below and now
 published MambaOut ImageNet-1k recipe, except the per-variant stochastic depth, which `configs/mambaout_*.yaml`
 set. Values are checked when a config is built, so a mistake stops the run at start-up with one message naming
 the key, where the value came from, what was expected and what was received.
+
+A root schema (a `Schema` dataclass whose fields are the sections) describes one kind of run: `Config` the
+ImageNet training of train.py; the fine-tuning commands have theirs (`mambaout.downstream.config`), built from
+the same sections where they fit. Every function below takes the root schema it reads or builds (default
+`Config`).
 """
 import argparse
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import re
@@ -188,8 +194,23 @@ class RuntimeConfig:
         "and TPUs (mambaout/runtime/peaks.py) for the run's math, no MFU on CPUs.", POSITIVE)
 
 
+class Schema:
+    """Base of a root schema: a dataclass whose fields are the sections, each a dataclass of keys built by its
+    default factory, in the order YAML, listings and diffs use."""
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain `{section: {key: value}}` with lists for tuples: what YAML and JSON can hold."""
+        return {section: {f.name: _plain(getattr(getattr(self, section), f.name)) for f in fields(cls)}
+                for section, cls in _sections(type(self)).items()}
+
+    def derived(self, num_shards: int) -> Any:
+        """The values a run on `num_shards` data shards derives from this config (a frozen dataclass), for
+        --print-config and the run's records."""
+        raise NotImplementedError
+
+
 @dataclass
-class Config:
+class Config(Schema):
     """A whole run: one instance per section, in this order everywhere (YAML, listings, diffs)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -200,14 +221,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain `{section: {key: value}}` with lists for tuples: what YAML and JSON can hold."""
-        return {section: {f.name: _plain(getattr(getattr(self, section), f.name)) for f in fields(cls)}
-                for section, cls in _SECTIONS.items()}
+    def derived(self, num_shards: int) -> "Derived":
+        return derive(self, num_shards)
 
 
-_SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}
-_FIELDS: dict[str, dataclasses.Field] = {f"{s}.{f.name}": f for s, cls in _SECTIONS.items() for f in fields(cls)}
+@functools.cache
+def _sections(schema: type) -> dict[str, type]:
+    return {f.name: f.type for f in fields(schema)}
+
+
+@functools.cache
+def _fields(schema: type) -> dict[str, dataclasses.Field]:
+    return {f"{s}.{f.name}": f for s, cls in _sections(schema).items() for f in fields(cls)}
 
 
 @dataclass(frozen=True)
@@ -238,21 +263,21 @@ _Loader.add_implicit_resolver(  # copies SafeLoader's resolvers first, so yaml.s
     list("-+0123456789."))
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), schema: type[Schema] = Config) -> Any:
     """The config of YAML file `path` (with its `base:` chain), then `overrides`; `path=None` = the defaults."""
-    settings = {} if path is None else _read_file(Path(path), ())
+    settings = {} if path is None else _read_file(Path(path), (), schema)
     for text in overrides:
-        settings.update(_parse_override(text))
-    return _build(settings)
+        settings.update(_parse_override(text, schema))
+    return _build(settings, schema)
 
 
-def config_from_dict(doc: dict[str, Any], source: str = "<dict>") -> Config:
+def config_from_dict(doc: dict[str, Any], source: str = "<dict>", schema: type[Schema] = Config) -> Any:
     """The config of a `{section: {key: value}}` mapping (missing keys keep their defaults)."""
-    flat = _flatten(_drop_derived(doc), source)
-    return _build({key: (value, f"{source}: {key}") for key, value in flat.items()})
+    flat = _flatten(_drop_derived(doc), source, schema)
+    return _build({key: (value, f"{source}: {key}") for key, value in flat.items()}, schema)
 
 
-def _read_file(path: Path, chain: tuple[Path, ...]) -> dict[str, tuple[Any, str]]:
+def _read_file(path: Path, chain: tuple[Path, ...], schema: type[Schema]) -> dict[str, tuple[Any, str]]:
     """`{section.key: (value, where)}` of one file laid over its `base:` chain, so a file changes single keys."""
     if path.resolve() in {p.resolve() for p in chain}:
         raise ConfigError(f"{path}: 'base:' chain loops: {' -> '.join(map(str, (*chain, path)))}")
@@ -271,8 +296,8 @@ def _read_file(path: Path, chain: tuple[Path, ...]) -> dict[str, tuple[Any, str]
             raise ConfigError(f"{path}: base: expected a file path relative to this file, got {_show(base)}")
         if not (path.parent / base).is_file():
             raise ConfigError(f"{path}: base {base!r} not found (looked for {path.parent / base})")
-        settings = _read_file(path.parent / base, (*chain, path))
-    settings.update({key: (value, f"{path}: {key}") for key, value in _flatten(doc, str(path)).items()})
+        settings = _read_file(path.parent / base, (*chain, path), schema)
+    settings.update({key: (value, f"{path}: {key}") for key, value in _flatten(doc, str(path), schema).items()})
     return settings
 
 
@@ -281,7 +306,7 @@ def _drop_derived(doc: Any) -> Any:
     return {k: v for k, v in doc.items() if k != "derived"} if isinstance(doc, dict) else doc
 
 
-def _parse_override(text: str) -> dict[str, tuple[Any, str]]:
+def _parse_override(text: str, schema: type[Schema]) -> dict[str, tuple[Any, str]]:
     """`section.key=VALUE`, VALUE read as YAML: `[0.5, 1]` is a list, `null` (or nothing) is None."""
     where = f"override '{text}'"
     dotted, equals, raw = text.partition("=")
@@ -292,33 +317,33 @@ def _parse_override(text: str) -> dict[str, tuple[Any, str]]:
         value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: VALUE is not valid YAML ({getattr(e, 'problem', e)})") from None
-    return {k: (v, where) for k, v in _flatten({section: {key: value}}, where).items()}
+    return {k: (v, where) for k, v in _flatten({section: {key: value}}, where, schema).items()}
 
 
-def _flatten(doc: Any, origin: str) -> dict[str, Any]:
+def _flatten(doc: Any, origin: str, schema: type[Schema]) -> dict[str, Any]:
     """`{section: {key: value}}` -> `{"section.key": value}`, refusing any name the schema does not have."""
     if not isinstance(doc, dict):
         raise ConfigError(f"{origin}: expected a mapping of sections, got {_show(doc)}")
-    flat = {}
+    flat, sections, known = {}, _sections(schema), _fields(schema)
     for section, body in doc.items():
-        if section not in _SECTIONS:
-            close = difflib.get_close_matches(str(section), _SECTIONS, n=2, cutoff=0.6)
-            raise ConfigError(f"{origin}: unknown section {section!r}; " + _did_you_mean(close, _SECTIONS))
+        if section not in sections:
+            close = difflib.get_close_matches(str(section), sections, n=2, cutoff=0.6)
+            raise ConfigError(f"{origin}: unknown section {section!r}; " + _did_you_mean(close, sections))
         if body is None:  # every key commented out
             continue
         if not isinstance(body, dict):
             raise ConfigError(f"{origin}: section {section!r}: expected a mapping of keys, got {_show(body)}")
         for key, value in body.items():
             dotted = f"{section}.{key}"
-            if dotted not in _FIELDS:
-                valid = [f"{section}.{f.name}" for f in fields(_SECTIONS[section])]
+            if dotted not in known:
+                valid = [f"{section}.{f.name}" for f in fields(sections[section])]
                 raise ConfigError(f"{origin}: unknown key {dotted!r}; "
-                                  + _did_you_mean(_closest_keys(section, str(key)), valid))
+                                  + _did_you_mean(_closest_keys(section, str(key), known), valid))
             flat[dotted] = value
     return flat
 
 
-def _closest_keys(section: str, key: str) -> list[str]:
+def _closest_keys(section: str, key: str, known: dict[str, dataclasses.Field]) -> list[str]:
     """Up to 3 valid keys nearest to `section.key` by name or initials (learning_rate ~ lr), own section first."""
     def forms(name: str) -> set[str]:
         words = name.split("_")
@@ -329,7 +354,7 @@ def _closest_keys(section: str, key: str) -> list[str]:
         similarity = max(difflib.SequenceMatcher(None, a, b).ratio() for a in forms(key) for b in forms(name))
         return similarity + 0.1 * (other_section == section)
 
-    return [k for k in sorted(_FIELDS, key=score, reverse=True)[:3] if score(k) >= 0.6]
+    return [k for k in sorted(known, key=score, reverse=True)[:3] if score(k) >= 0.6]
 
 
 def _did_you_mean(close: list[str], valid: Sequence[str]) -> str:
@@ -344,13 +369,16 @@ class _Mismatch(Exception):
     """A value that is not of the schema type."""
 
 
-def _build(settings: dict[str, tuple[Any, str]]) -> Config:
-    """A Config with defaults where `settings` (`{section.key: (value, where)}`) have no value; all checked."""
-    values: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+def _build(settings: dict[str, tuple[Any, str]], schema: type[Schema]) -> Any:
+    """A `schema` config with its defaults where `settings` (`{section.key: (value, where)}`) have no value; all
+    checked. A root schema may give a section other defaults than the section's class (its default factory)."""
+    defaults = schema()
+    values: dict[str, dict[str, Any]] = {section: {} for section in _sections(schema)}
     for dotted, (value, where) in settings.items():
         section, key = dotted.split(".")
-        values[section][key] = _convert(value, _FIELDS[dotted], where)
-    return Config(**{section: cls(**values[section]) for section, cls in _SECTIONS.items()})
+        values[section][key] = _convert(value, _fields(schema)[dotted], where)
+    return schema(**{section: dataclasses.replace(getattr(defaults, section), **values[section])
+                     for section in _sections(schema)})
 
 
 def _convert(value: Any, f: dataclasses.Field, where: str) -> Any:
@@ -416,10 +444,7 @@ def _plain(value: Any) -> Any:
 def derive(cfg: Config, num_shards: int) -> Derived:
     """The values a run on `num_shards` data shards uses that the config implies rather than states."""
     global_batch, micro = cfg.optim.global_batch_size, cfg.train.micro_batch_size
-    if num_shards < 1:
-        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
-    if global_batch % (micro * num_shards):
-        raise ConfigError(_batch_split_error(global_batch, micro, num_shards))
+    accum_steps = accumulation_steps(global_batch, micro, num_shards)
     mixing = (cfg.aug.mixup_alpha > 0 or cfg.aug.cutmix_alpha > 0) and cfg.aug.mixup_prob > 0
     if mixing and micro % 2:
         raise ConfigError(f"train.micro_batch_size={micro} must be even with Mixup/CutMix on: each sample is "
@@ -428,11 +453,21 @@ def derive(cfg: Config, num_shards: int) -> Derived:
         lr=cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.base_lr * global_batch / 1024,
         micro_batch_size=micro,
         num_shards=num_shards,
-        accum_steps=global_batch // (micro * num_shards),
+        accum_steps=accum_steps,
         total_epochs=cfg.sched.epochs + cfg.sched.cooldown_epochs,
         eval_img_size=eval_img_size(cfg),
         output_dir=cfg.train.output_dir or f"runs/{cfg.model.name}",
     )
+
+
+def accumulation_steps(global_batch: int, micro: int, num_shards: int) -> int:
+    """Micro-batches each shard runs per optimizer step; a split that does not divide the global batch is refused
+    with the valid choices."""
+    if num_shards < 1:
+        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
+    if global_batch % (micro * num_shards):
+        raise ConfigError(_batch_split_error(global_batch, micro, num_shards))
+    return global_batch // (micro * num_shards)
 
 
 def eval_img_size(cfg: Config) -> int:
@@ -462,7 +497,7 @@ _Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
     "tag:yaml.org,2002:seq", data, flow_style=True))
 
 
-def to_yaml(cfg: Config, derived: Derived | None = None) -> str:
+def to_yaml(cfg: Schema, derived: Any = None) -> str:
     """The resolved config as YAML in schema order, plus a `derived:` section (ignored when read back)."""
     doc: dict[str, Any] = cfg.to_dict()
     if derived is not None:
@@ -470,26 +505,26 @@ def to_yaml(cfg: Config, derived: Derived | None = None) -> str:
     return yaml.dump(doc, Dumper=_Dumper, sort_keys=False)
 
 
-def diff_configs(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+def diff_configs(a: Schema, b: Schema) -> list[tuple[str, Any, Any]]:
     """`(section.key, value in a, value in b)` for every key whose values differ, in schema order."""
     flat_a, flat_b = _flat_values(a), _flat_values(b)
     return [(key, flat_a[key], flat_b[key]) for key in flat_a if flat_a[key] != flat_b[key]]
 
 
-def _flat_values(cfg: Config) -> dict[str, Any]:
+def _flat_values(cfg: Schema) -> dict[str, Any]:
     return {f"{section}.{key}": value for section, body in cfg.to_dict().items() for key, value in body.items()}
 
 
-def describe_schema() -> str:
-    """Every key with its type, default and help, as Markdown tables (the README's config reference)."""
-    lines = []
-    for section, cls in _SECTIONS.items():
+def describe_schema(schema: type[Schema] = Config) -> str:
+    """Every key with its type, default and help, as Markdown tables (docs/CONFIG.md)."""
+    lines, defaults = [], schema()
+    for section, cls in _sections(schema).items():
         lines += [f"### `{section}`", "", cls.__doc__, "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for f in fields(cls):
             check, value_type = f.metadata["check"], _non_null(f.type)
             kind = _describe(value_type) + (f" {check.expect}" if check else "")
             kind += " or null" if value_type is not f.type else ""
-            default = json.dumps(_plain(f.default))
+            default = json.dumps(_plain(getattr(getattr(defaults, section), f.name)))
             lines.append(f"| `{section}.{f.name}` | {kind} | `{default}` | {f.metadata['help']} |")
         lines.append("")
     return "\n".join(lines)
@@ -507,26 +542,26 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--help-config", action="store_true", help="list every config key and exit")
 
 
-def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None
-              ) -> tuple[argparse.Namespace, Config]:
+def parse_cli(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None, schema: type[Schema] = Config
+              ) -> tuple[argparse.Namespace, Any]:
     """Parse `argv` with the config arguments added; a bad config exits with its message (status 2)."""
     add_config_args(parser)
     args = parser.parse_args(argv)
-    return args, config_from_args(parser, args)
+    return args, config_from_args(parser, args, schema=schema)
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                     extra_overrides: Sequence[str] = ()) -> Config:
+                     extra_overrides: Sequence[str] = (), schema: type[Schema] = Config) -> Any:
     """The config that parsed arguments describe: the file, then `extra_overrides` (a CLI's own flags),
     then the KEY=VALUE overrides. Handles --help-config and --print-config (which exit)."""
     if args.help_config:
-        print(describe_schema())
+        print(describe_schema(schema))
         parser.exit()
     try:
-        cfg = load_config(args.config, [*extra_overrides, *args.overrides])
+        cfg = load_config(args.config, [*extra_overrides, *args.overrides], schema)
         if args.print_config:
             # Derived values for the world this command runs in (torchrun sets WORLD_SIZE; alone it is 1).
-            print(to_yaml(cfg, derive(cfg, int(os.environ.get("WORLD_SIZE", 1)))), end="")
+            print(to_yaml(cfg, cfg.derived(int(os.environ.get("WORLD_SIZE", 1)))), end="")
             parser.exit()
     except ConfigError as e:
         parser.error(str(e))

@@ -68,6 +68,11 @@ class StepLog:
 
 PrepareBatch = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 
+MicroBatchLoss = Callable[[nn.Module, dict[str, Any], int, list[int]], torch.Tensor]
+"""``(model, loader batch, optimizer step, global micro-batch ids the batch holds) -> loss``: what a task computes
+for one micro-batch (its forward under ``runtime.autocast()``); the loop backpropagates it and owns the step.
+Random draws are keyed by the step and micro-batch ids, never streamed (docs/DESIGN.md)."""
+
 
 class NonFiniteLossError(RuntimeError):
     """A loss or gradient that is NaN or infinite; the weights were not updated with it."""
@@ -103,6 +108,24 @@ class TrainHooks:
     stop_requested: Callable[[], bool] = lambda: False
 
 
+def classification_loss(criterion: nn.Module, runtime: Runtime, *, seed: int, mixup=None,
+                        prepare_batch: PrepareBatch | None = None) -> MicroBatchLoss:
+    """The ImageNet task's micro-batch loss: the batch prepared on the device, Mixup/CutMix keyed by (step,
+    micro-batch), the keyed drop decisions of its samples, ``criterion`` on the logits. ``prepare_batch``: the
+    input pipeline's last stage (default: images and targets moved as they are)."""
+    prepare_batch = prepare_batch or runtime.batch_to_device
+
+    def loss(model: nn.Module, batch: dict[str, Any], step: int, micro_ids: list[int]) -> torch.Tensor:
+        images, targets = prepare_batch(batch)
+        images, targets = mix_micro_batches(
+            mixup, images, targets, [derive_seed(seed, "mix", step, m) for m in micro_ids])
+        # stochastic depth and dropout decided per sample in the workers (no device generator)
+        model_inputs = {"drop_draws": runtime.to_device(batch["drop"])} if "drop" in batch else {}
+        with runtime.autocast():
+            return criterion(model(images, **model_inputs), targets)
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -115,47 +138,60 @@ def train_one_epoch(
     *,
     seed: int,
     mixup=None,
+    prepare_batch: PrepareBatch | None = None,
+    **loop_options,
+) -> bool:
+    """The classification steps of ``state.epoch`` from ``state.step`` on: ``run_steps`` with
+    ``classification_loss``; ``loop_options`` are ``run_steps``'s."""
+    micro_loss = classification_loss(criterion, runtime, seed=seed, mixup=mixup, prepare_batch=prepare_batch)
+    return run_steps(model, optimizer, schedule, loader, sampler, micro_loss, runtime, state, **loop_options)
+
+
+def run_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule,
+    loader: Iterable[dict[str, Any]],
+    sampler,
+    micro_loss: MicroBatchLoss,
+    runtime: Runtime,
+    state: TrainState,
+    *,
     ema=None,
     clip_grad: float | None = None,
     skip_nonfinite: bool = False,
     max_steps: int | None = None,
     log_interval: int = 50,
     hooks: TrainHooks = TrainHooks(),
-    prepare_batch: PrepareBatch | None = None,
 ) -> bool:
-    """Runs the optimizer steps of ``state.epoch`` from ``state.step`` on.
+    """Runs the optimizer steps of ``state.epoch`` from ``state.step`` on, until the epoch ends or ``state.step``
+    reaches ``max_steps``: the task's ``micro_loss`` per micro-batch, the rest (accumulation, agreement, the
+    update skipped on the device when not finite, EMA, reports) shared by every task.
 
     ``loader`` yields one batch per accumulation micro-step (``sampler.accum_steps`` per optimizer step),
-    starting at an optimizer-step boundary; ``prepare_batch`` turns a batch into the model's input on the
-    device (the input pipeline's last stage; default: images and targets moved as they are). Returns True when
-    it stopped early because a stop was requested on any process; every process stops at the same step.
+    starting at an optimizer-step boundary. Returns True when it stopped early because a stop was requested on
+    any process; every process stops at the same step.
     """
-    prepare_batch = prepare_batch or runtime.batch_to_device
     model.train()
     accum_steps = sampler.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
     micro_losses: list[torch.Tensor] = []
-    step_bad_images = 0
+    step_bad_images = torch.zeros((), dtype=torch.int64, device=runtime.device)
     reporter = _StepReporter(state, skip_nonfinite, log_interval, max_steps, hooks.on_log, sampler.global_batch_size)
 
     for micro_step, batch in enumerate(runtime.wrap_loader(loader)):
         accum_index = micro_step % accum_steps
         if accum_index == 0:
             schedule.set_step(state.step)
-        # counted on the device, sharded like the targets: over every host's rows under SPMD
-        step_bad_images = step_bad_images + runtime.to_device(batch["bad"]).sum()
-        images, targets = prepare_batch(batch)
+        if "bad" in batch:  # flags of unreadable images a dataset stood in for (the fine-tuning sets refuse them)
+            # counted on the device, sharded like the targets: over every host's rows under SPMD
+            step_bad_images = step_bad_images + runtime.to_device(batch["bad"]).sum()
         # the micro-batches this batch holds on the device: this process's, or under SPMD every host's
         micro_ids = sampler.micro_indices(accum_index, runtime.batch_shard_ids)
-        images, targets = mix_micro_batches(
-            mixup, images, targets, [derive_seed(seed, "mix", state.step, m) for m in micro_ids])
-        # stochastic depth and dropout decided per sample in the workers (no device generator)
-        model_inputs = {"drop_draws": runtime.to_device(batch["drop"])} if "drop" in batch else {}
 
         is_last = accum_index == accum_steps - 1
         with runtime.gradient_sync(model, enabled=is_last):
-            with runtime.autocast():
-                loss = criterion(model(images, **model_inputs), targets)
+            loss = micro_loss(model, batch, state.step, micro_ids)
             runtime.backward(loss / accum_steps)
         micro_losses.append(loss.detach())
         runtime.mark_step()
@@ -175,7 +211,7 @@ def train_one_epoch(
         state.step += 1
         runtime.after_step(reporter.for_step(state.step, optimizer.param_groups[0]["lr"], losses), report)
         micro_losses.clear()
-        step_bad_images = 0
+        step_bad_images = torch.zeros((), dtype=torch.int64, device=runtime.device)
         runtime.mark_step()
         hooks.on_step_end()
         if state.step == max_steps or reporter.stop_seen:
@@ -234,7 +270,7 @@ class _StepReporter:
             if nonfinite:
                 self._nonfinite(step, micro_losses, grad_norm)
             self.stop_seen = self.stop_seen or bool(stop)
-            self._record(step, lr, loss, grad_norm, bad_images)
+            self._record(step, lr, loss, grad_norm, bad_images, skipped=bool(nonfinite))
         return report
 
     def _nonfinite(self, step: int, micro_losses: torch.Tensor, grad_norm: float) -> None:
@@ -247,12 +283,14 @@ class _StepReporter:
             "were not updated with them. Lower optim.lr or set optim.clip_grad, or set train.skip_nonfinite=true "
             "to skip such steps")
 
-    def _record(self, step: int, lr: float, loss: float, grad_norm: float, bad_images: float) -> None:
+    def _record(self, step: int, lr: float, loss: float, grad_norm: float, bad_images: float,
+                skipped: bool = False) -> None:
         state = self.state
         state.bad_images += int(bad_images)
-        state.interval_losses.append(loss)
-        state.epoch_loss_sum += loss
-        state.epoch_loss_steps += 1
+        state.interval_losses.append(loss)  # steps.csv shows a skipped step's loss as it was
+        if not skipped:  # the epoch's mean is over the steps taken (one NaN would make it NaN)
+            state.epoch_loss_sum += loss
+            state.epoch_loss_steps += 1
         if step % self.log_interval == 0 or step == self.max_steps:
             losses = state.interval_losses
             self.on_log(StepLog(step=step, epoch=state.epoch, lr=lr, loss=sum(losses) / len(losses),

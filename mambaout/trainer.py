@@ -1,26 +1,32 @@
 """One training run from a resolved config: build everything, resume if asked, loop over epochs, evaluate,
 checkpoint, and stop cleanly on preemption.
 
-Read top to bottom: ``train`` is the whole story; the helpers below it each build or decide one thing.
+Read top to bottom: ``train`` is the whole story; the helpers below it each build or decide one thing. The public
+ones (resuming, the loop over epochs, checkpoint payload, provenance, loaders) are what every training command
+shares: the fine-tuning runs of ``mambaout.downstream`` are built from them too.
 """
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from . import checkpoint
 from .checkpoint import CheckpointFolder
-from .config import Config, ConfigError, Derived, config_from_dict, derive, diff_configs, load_config, to_yaml
+from .config import (Config, ConfigError, Schema, config_from_dict, derive, diff_configs, load_config, parse_cli,
+                     to_yaml)
 from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, dataset_fingerprint
-from .data.pipeline import Pipeline, Stage, build_pipeline
+from .data.pipeline import Pipeline, build_pipeline
 from .data.sampling import derive_seed, with_drop_draws
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
@@ -49,6 +55,30 @@ class ResumeError(RuntimeError):
     pass
 
 
+def command_main(parser: argparse.ArgumentParser, argv, program: str, schema: type[Schema],
+                 run: Callable[[Any, str], Any]) -> int:
+    """The body of a training command (train.py, scripts/finetune_*.py): ``--resume`` and the config arguments
+    parsed, ``run(cfg, resume)`` run; the exit status: 0 done, 3 non-finite loss (its message printed),
+    ``PREEMPTED_EXIT_CODE`` when preempted (and the marker file of scripts/train_until_done.sh touched)."""
+    parser.add_argument("--resume", default="auto", metavar="auto|never|PATH",
+                        help="auto (default): continue from the run folder's newest checkpoint when there is one "
+                             "of a compatible config; never: always start fresh; PATH: continue from that checkpoint")
+    args, cfg = parse_cli(parser, argv, schema)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        outcome = run(cfg, args.resume)
+    except NonFiniteLossError as error:
+        print(f"{program}: error: {error}", file=sys.stderr)
+        return NONFINITE_EXIT_CODE
+    if not outcome.preempted:
+        return 0
+    # torchrun reports any worker failure as status 1, so the relaunch wrapper also looks for this file.
+    marker = os.environ.get("MAMBAOUT_PREEMPTED_MARKER")
+    if marker:
+        Path(marker).touch()
+    return PREEMPTED_EXIT_CODE
+
+
 @dataclass
 class TrainOutcome:
     final_eval: dict[str, Any]
@@ -66,13 +96,13 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         # One job per run folder, from before anything in it is read for resuming or written until the end.
         held.enter_context(RunLock(derived.output_dir, enabled=runtime.is_main))
         folder = CheckpointFolder(derived.output_dir, keep=cfg.train.keep_checkpoints)
-        saved = _checkpoint_to_resume(folder, resume)
+        saved = checkpoint_to_resume(folder, resume)
         runtime.assert_same("the step to resume from", saved and saved["train_state"]["step"])
         pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)
         train_set, val_set = _build_datasets(cfg, pipeline)
         fingerprint = dataset_fingerprint(train_set)
         if saved is not None:
-            _check_resumable(cfg, saved, fingerprint)
+            check_resumable(cfg, saved, fingerprint, HARMLESS_ON_RESUME)
         try:  # before the run folder exists: a mistake here leaves nothing behind
             sampler = MicroBatchSampler(len(train_set), cfg.optim.global_batch_size, cfg.train.micro_batch_size,
                                         runtime.num_shards, runtime.shard_ids, cfg.train.seed)
@@ -89,11 +119,15 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             raise ConfigError(f"model.name: {error}") from None
         drop_sites = _drop_sites(model, cfg)
         mfu = mfu_meter(model, cfg, runtime)  # counted on the host model, before it moves
-        reuse_folder = saved is not None or (resume == "auto" and _same_config_without_checkpoint(folder, cfg))
+        reuse_folder = saved is not None or (
+            resume == "auto" and same_config_without_checkpoint(folder, cfg, HARMLESS_ON_RESUME))
         run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
         if saved is not None and runtime.is_main:
             folder.set_aside_after(saved["train_state"]["step"])  # resuming an older one discards its future
-        _announce(runtime, derived, cfg, pipeline, saved)
+        announce(runtime, derived, cfg, saved)
+        if runtime.is_main:
+            log.info("input pipeline: %s, augmentation on the %s", pipeline.name,
+                     "device" if pipeline.augment_on == "device" else "data workers")
         if saved is not None:
             model.load_state_dict(saved["model"])
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
@@ -101,101 +135,170 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             train_model = torch.compile(train_model)
         optimizer = create_optimizer(model, derived.lr, cfg.optim.weight_decay, cfg.optim.eps,
                                      tuple(cfg.optim.betas))
-        ema = _build_ema(model, cfg)
+        ema = build_ema(model, cfg)
         mixup = build_mixup(cfg.aug.mixup_alpha, cfg.aug.cutmix_alpha, cfg.aug.mixup_prob,
                             cfg.aug.mixup_switch_prob, cfg.aug.mixup_mode, cfg.aug.label_smoothing, num_classes)
         criterion = create_criterion(mixup is not None, cfg.aug.label_smoothing)
         state = TrainState()
         if saved is not None:
-            _restore(saved, optimizer, ema, runtime, state)
+            restore(saved, optimizer, ema, runtime, state)
 
         schedule = LrSchedule(optimizer, epochs=cfg.sched.epochs, warmup_epochs=cfg.sched.warmup_epochs,
                               warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr,
                               steps_per_epoch=sampler.steps_per_epoch, per_step=cfg.sched.per_step)
-        train_loader = _loader(train_set, sampler, cfg.data.num_workers, runtime, pipeline.train, drop_sites)
-        val_loader = _loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers, runtime,
-                             pipeline.eval)
+        collate = with_drop_draws(pipeline.train.collate, drop_sites) if drop_sites else pipeline.train.collate
+        train_loader = build_loader(train_set, sampler, cfg.data.num_workers, runtime, collate)
+        val_loader = build_loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers,
+                                  runtime, pipeline.eval.collate)
         prepare_train, prepare_eval = pipeline.train.prepare(runtime), pipeline.eval.prepare(runtime)
-        _record_provenance(run, cfg, derived, runtime, pipeline, train_set, val_set, fingerprint, state, saved)
+        record_provenance(run, cfg, derived, runtime, train_set.classes, state, saved,
+                          input_pipeline=pipeline.describe(),
+                          dataset={"train": fingerprint, "val": dataset_fingerprint(val_set)})
 
         total_steps = derived.total_epochs * sampler.steps_per_epoch
         if cfg.train.max_steps is not None:
             total_steps = min(total_steps, cfg.train.max_steps)
-        progress = Progress(total_steps, "train", enabled=runtime.is_main, unit="step")
-        progress.done = state.step
+        plan = RunPlan(sampler.steps_per_epoch, total_steps, eval_every_epochs=cfg.eval.every_epochs,
+                       checkpoint_every_steps=cfg.train.checkpoint_every_steps)
 
-        def save(is_best: bool = False) -> None:
-            runtime.read_pending()  # the host state of every step taken so far goes into the checkpoint
-            payload = _checkpoint_payload(model, ema, optimizer, runtime, state, cfg, train_set.classes,
-                                          fingerprint)
-            if runtime.is_main:
-                folder.save(payload, state.step, is_best=is_best)
-            runtime.barrier()
-
-        def on_log(entry: StepLog) -> None:
-            utilisation = mfu(entry.img_per_s)
-            run.log_step({**vars(entry), "mfu": utilisation})
-            progress.update(entry.step - progress.done,
-                            f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s"
-                            + (f" MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
-
-        def evaluated_after(step: int) -> bool:
-            """Whether the epoch that ends at ``step`` (if one does) is evaluated, and checkpointed then."""
-            epoch_ends = step % sampler.steps_per_epoch == 0 or step >= total_steps
-            due = step >= total_steps or (step // sampler.steps_per_epoch) % cfg.eval.every_epochs == 0
-            return epoch_ends and due
-
-        def on_step_end() -> None:
-            every = cfg.train.checkpoint_every_steps
-            if every and state.step % every == 0 and not evaluated_after(state.step):
-                save()
+        def train_steps(hooks: TrainHooks, stop_at: int) -> bool:
+            return train_one_epoch(
+                train_model, optimizer, schedule, train_loader, sampler, criterion, runtime, state,
+                seed=cfg.train.seed, mixup=mixup, ema=ema, clip_grad=cfg.optim.clip_grad,
+                skip_nonfinite=cfg.train.skip_nonfinite, max_steps=stop_at,
+                log_interval=cfg.train.log_interval, hooks=hooks, prepare_batch=prepare_train)
 
         final_eval: dict[str, Any] = {}
-        with _preemption_signals() as stop_requested:
-            hooks = TrainHooks(on_log=on_log, on_step_end=on_step_end, stop_requested=stop_requested)
-            while state.step < total_steps:
-                state.start_epoch(state.step // sampler.steps_per_epoch)
-                sampler.set_epoch(state.epoch, start_step=state.step % sampler.steps_per_epoch)
-                epoch_start, first_step = time.perf_counter(), state.step
-                try:
-                    preempted = train_one_epoch(
-                        train_model, optimizer, schedule, train_loader, sampler, criterion, runtime, state,
-                        seed=cfg.train.seed, mixup=mixup, ema=ema, clip_grad=cfg.optim.clip_grad,
-                        skip_nonfinite=cfg.train.skip_nonfinite, max_steps=total_steps,
-                        log_interval=cfg.train.log_interval, hooks=hooks, prepare_batch=prepare_train)
-                except NonFiniteLossError as error:
-                    raise NonFiniteLossError(f"{error}. Last good checkpoint: {folder.latest() or 'none yet'}") \
-                        from None
-                train_seconds = time.perf_counter() - epoch_start
-                if evaluated_after(state.step):  # also when preempted on an epoch's last step
-                    final_eval = _evaluate_epoch(model, ema, val_loader, runtime, prepare_eval)
-                    _log_epoch(run, state, optimizer, final_eval, cfg, time.perf_counter() - epoch_start,
-                               train_seconds, state.step - first_step, runtime.peak_memory_mib())
-                    score = final_eval["ema_top1" if cfg.eval.use_ema and ema is not None else "top1"]
-                    is_best = score > state.best_top1
-                    if is_best:
-                        state.best_top1, state.best_epoch = score, state.epoch
-                    save(is_best)
-                elif preempted:
-                    save()
-                if preempted:
-                    log.info("preempted: checkpoint of step %d saved; rerun the same command to continue",
-                             state.step)
-                    run.close()
-                    return TrainOutcome(final_eval, state.best_top1, state.step, preempted=True)
+
+        def evaluate_and_log(timing: EpochTiming) -> bool:
+            nonlocal final_eval
+            final_eval = _evaluate_epoch(model, ema, val_loader, runtime, prepare_eval)
+            _log_epoch(run, state, optimizer, final_eval, cfg, timing, runtime.peak_memory_mib())
+            score = final_eval["ema_top1" if cfg.eval.use_ema and ema is not None else "top1"]
+            is_best = score > state.best_top1
+            if is_best:
+                state.best_top1, state.best_epoch = score, state.epoch
+            return is_best
+
+        def payload() -> dict[str, Any]:
+            return checkpoint_payload(model, ema, optimizer, runtime, state, cfg, train_set.classes, fingerprint)
+
+        preempted = run_epochs(plan, state, sampler, runtime, folder, payload=payload,
+                               on_log=step_logger(run, plan, state, runtime, mfu), train_steps=train_steps,
+                               evaluate_and_log=evaluate_and_log)
         run.close()
-        return TrainOutcome(final_eval, state.best_top1, state.step)
+        return TrainOutcome(final_eval, state.best_top1, state.step, preempted=preempted)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """When a run stops its steps to evaluate (and checkpoint), and when it checkpoints between evaluations."""
+
+    steps_per_epoch: int
+    total_steps: int
+    eval_every_epochs: int | None = None  # at the end of every n-th epoch ...
+    eval_every_steps: int | None = None  # ... or every n optimizer steps; and at the end of the run either way
+    checkpoint_every_steps: int | None = None
+
+    def evaluated_after(self, step: int) -> bool:
+        if step >= self.total_steps:
+            return True
+        if self.eval_every_steps is not None:
+            return step % self.eval_every_steps == 0
+        return step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % self.eval_every_epochs == 0
+
+    def stop_at(self, step: int) -> int:
+        """The step at which the steps started at ``step`` return at the latest (they also return at the end of
+        the epoch): the end of the run, or the next evaluation by steps."""
+        if self.eval_every_steps is None:
+            return self.total_steps
+        return min(self.total_steps, (step // self.eval_every_steps + 1) * self.eval_every_steps)
+
+    def checkpoint_due(self, step: int) -> bool:
+        """A periodic checkpoint, where no evaluation writes one anyway."""
+        every = self.checkpoint_every_steps
+        return every is not None and step % every == 0 and not self.evaluated_after(step)
+
+
+@dataclass(frozen=True)
+class EpochTiming:
+    """The stretch of steps an evaluation closes: when it started, the seconds spent training, the steps."""
+
+    start: float
+    train_seconds: float
+    steps: int
+
+    @property
+    def seconds(self) -> float:
+        """Wall time up to now, the evaluation included."""
+        return time.perf_counter() - self.start
+
+
+def run_epochs(plan: RunPlan, state: TrainState, sampler, runtime: Runtime, folder: CheckpointFolder, *,
+               payload: Callable[[], dict[str, Any]], on_log: Callable[[StepLog], None],
+               train_steps: Callable[[TrainHooks, int], bool], evaluate_and_log: Callable[[EpochTiming], bool]
+               ) -> bool:
+    """The loop every training command runs: steps (``train_steps(hooks, stop_at)``, ``engine.run_steps`` with
+    the task's loss) epoch by epoch until ``plan.total_steps``; an evaluation where the plan says
+    (``evaluate_and_log`` returns whether it is the best so far) followed by a checkpoint; periodic checkpoints;
+    preemption (SIGTERM/SIGINT) checkpointed at the next step boundary on every rank. Returns True when
+    preempted."""
+    def save(is_best: bool = False) -> None:
+        runtime.read_pending()  # the host state of every step taken so far goes into the checkpoint
+        state_to_save = payload()
+        if runtime.is_main:
+            folder.save(state_to_save, state.step, is_best=is_best)
+        runtime.barrier()
+
+    def on_step_end() -> None:
+        if plan.checkpoint_due(state.step):
+            save()
+
+    with _preemption_signals() as stop_requested:
+        hooks = TrainHooks(on_log=on_log, on_step_end=on_step_end, stop_requested=stop_requested)
+        while state.step < plan.total_steps:
+            state.start_epoch(state.step // plan.steps_per_epoch)
+            sampler.set_epoch(state.epoch, start_step=state.step % plan.steps_per_epoch)
+            start, first_step = time.perf_counter(), state.step
+            try:
+                preempted = train_steps(hooks, plan.stop_at(state.step))
+            except NonFiniteLossError as error:
+                raise NonFiniteLossError(f"{error}. Last good checkpoint: {folder.latest() or 'none yet'}") from None
+            if plan.evaluated_after(state.step):  # also when preempted on an evaluation's step
+                save(evaluate_and_log(EpochTiming(start, time.perf_counter() - start, state.step - first_step)))
+            elif preempted:
+                save()
+            if preempted:
+                log.info("preempted: checkpoint of step %d saved; rerun the same command to continue", state.step)
+                return True
+    return False
+
+
+def step_logger(run: RunFolder, plan: RunPlan, state: TrainState, runtime: Runtime,
+                mfu: Callable[[float], float | None] = lambda img_per_s: None) -> Callable[[StepLog], None]:
+    """A steps.csv/TensorBoard row and a progress line per logged step (``mfu``: img/s -> utilisation)."""
+    progress = Progress(plan.total_steps, "train", enabled=runtime.is_main, unit="step")
+    progress.done = state.step
+
+    def on_log(entry: StepLog) -> None:
+        utilisation = mfu(entry.img_per_s)
+        run.log_step({**vars(entry), "mfu": utilisation})
+        progress.update(entry.step - progress.done,
+                        f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s"
+                        + (f" MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
+    return on_log
 
 
 def _log_epoch(run: RunFolder, state: TrainState, optimizer, result: dict[str, Any], cfg: Config,
-               seconds: float, train_seconds: float, steps: int, peak_memory_mib: float | None) -> None:
+               timing: EpochTiming, peak_memory_mib: float | None) -> None:
     """A metrics.csv row: ``img_per_s`` is the training throughput (the evaluation excluded), ``epoch_seconds``
     the epoch's wall time with its evaluation, ``peak_memory_mib`` the runtime's peak so far."""
     run.log_epoch({
         "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
         "train_loss": state.epoch_loss, "eval_loss": result["loss"], "top1": result["top1"], "top5": result["top5"],
-        "ema_top1": result.get("ema_top1"), "img_per_s": steps * cfg.optim.global_batch_size / train_seconds,
-        "epoch_seconds": seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips,
+        "ema_top1": result.get("ema_top1"),
+        "img_per_s": timing.steps * cfg.optim.global_batch_size / timing.train_seconds,
+        "epoch_seconds": timing.seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips,
         "peak_memory_mib": peak_memory_mib})
     log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f", state.epoch, state.step,
              state.epoch_loss, result["top1"], result["top5"], result["loss"])
@@ -211,7 +314,9 @@ def _num_classes(cfg: Config, train_set) -> int:
 
 # --- resuming ----------------------------------------------------------------------------------------------------
 
-def _checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, Any] | None:
+def checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, Any] | None:
+    """The checkpoint ``--resume`` designates: "auto" the run folder's newest (or None), "never" None, else the
+    path's (refused when the run folder holds another run)."""
     if resume == "never":
         return None
     if resume == "auto":
@@ -225,14 +330,16 @@ def _checkpoint_to_resume(folder: CheckpointFolder, resume: str) -> dict[str, An
     return saved
 
 
-def _check_resumable(cfg: Config, saved: dict[str, Any], fingerprint: dict[str, Any]) -> None:
-    """Refuses a resume that would not continue the same run; lists what changed."""
+def check_resumable(cfg: Schema, saved: dict[str, Any], fingerprint: dict[str, Any], harmless: Collection[str]
+                    ) -> None:
+    """Refuses a resume that would not continue the same run (a change of a key outside ``harmless``, or of the
+    training data); lists what changed."""
     try:
-        saved_cfg = config_from_dict(saved["config"], source="checkpoint")
+        saved_cfg = config_from_dict(saved["config"], source="checkpoint", schema=type(cfg))
     except ConfigError as error:
         raise ResumeError(f"the checkpoint's config no longer fits the schema: {error}") from None
     changes = diff_configs(saved_cfg, cfg)
-    breaking = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key not in HARMLESS_ON_RESUME]
+    breaking = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key not in harmless]
     if saved.get("dataset") not in (None, fingerprint):
         breaking.append(f"training data: {saved['dataset']} -> {fingerprint}")
     if breaking:
@@ -243,18 +350,20 @@ def _check_resumable(cfg: Config, saved: dict[str, Any], fingerprint: dict[str, 
         log.info("resume: %s changed from %r to %r (allowed)", key, old, new)
 
 
-def _same_config_without_checkpoint(folder: CheckpointFolder, cfg: Config) -> bool:
+def same_config_without_checkpoint(folder: CheckpointFolder, cfg: Schema, harmless: Collection[str]) -> bool:
     """A run killed before its first checkpoint left nothing to lose: the same config may start over there."""
     saved_yaml = folder.path / "config.yaml"
     if not saved_yaml.exists():
         return False
     try:
-        return not [k for k, _, _ in diff_configs(load_config(saved_yaml), cfg) if k not in HARMLESS_ON_RESUME]
+        return not [k for k, _, _ in diff_configs(load_config(saved_yaml, schema=type(cfg)), cfg) if k not in harmless]
     except ConfigError:
         return False
 
 
-def _restore(saved: dict[str, Any], optimizer, ema, runtime: Runtime, state: TrainState) -> None:
+def restore(saved: dict[str, Any], optimizer, ema, runtime: Runtime, state: TrainState) -> None:
+    """Optimizer, EMA, loss scale and the run's position from a checkpoint (the model is loaded before it moves
+    to the device)."""
     optimizer.load_state_dict(saved["optimizer"])
     if ema is not None:
         if "state_dict_ema" not in saved:
@@ -285,14 +394,12 @@ def _preemption_signals() -> Iterator[Any]:
 
 # --- building ----------------------------------------------------------------------------------------------------
 
-def _announce(runtime: Runtime, derived: Derived, cfg: Config, pipeline: Pipeline, saved: dict[str, Any] | None
-              ) -> None:
+def announce(runtime: Runtime, derived, cfg: Schema, saved: dict[str, Any] | None) -> None:
+    """The batch split the run derived (``derived``: the config's ``derived(num_shards)``), and where it resumes."""
     if runtime.is_main:
         log.info("%s on %s x%d: global batch %d = micro batch %d x %d shards x %d accumulation steps, lr %.3g",
                  cfg.model.name, runtime.kind, runtime.num_shards, cfg.optim.global_batch_size,
                  derived.micro_batch_size, derived.num_shards, derived.accum_steps, derived.lr)
-        log.info("input pipeline: %s, augmentation on the %s", pipeline.name,
-                 "device" if pipeline.augment_on == "device" else "data workers")
         if saved is not None:
             log.info("resuming %s at optimizer step %d", derived.output_dir, saved["train_state"]["step"])
 
@@ -345,10 +452,8 @@ def mfu_meter(model, cfg: Config, runtime: Runtime) -> Callable[[float], float |
     return lambda img_per_s: img_per_s * flops_per_image / total_peak
 
 
-def _loader(dataset, batch_sampler, num_workers: int, runtime: Runtime, stage: Stage, drop_sites: int = 0
-            ) -> DataLoader:
-    """``drop_sites``: keyed drop decisions to add to each training batch (0: none)."""
-    collate = with_drop_draws(stage.collate, drop_sites) if drop_sites else stage.collate
+def build_loader(dataset, batch_sampler, num_workers: int, runtime: Runtime, collate) -> DataLoader:
+    """The DataLoader of a run: batches as the sampler says, workers that leave signals to the main process."""
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, collate_fn=collate,
                       pin_memory=runtime.device.type == "cuda", persistent_workers=num_workers > 0,
                       worker_init_fn=_leave_signals_to_the_main_process)
@@ -361,22 +466,26 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _build_ema(model, cfg: Config):
+def build_ema(model, cfg: Schema):
+    """timm's EMA of the weights when ``train.ema`` is on, else None."""
     if not cfg.train.ema:
         return None
     from timm.utils import ModelEmaV3
 
-    return ModelEmaV3(model, decay=cfg.train.ema_decay)
+    # timm gives its EMA a random generator on the model's device (for bf16 stochastic rounding, which
+    # engine.update_ema does not use), and XLA devices have none: the copy is made on the CPU, then moved.
+    ema = ModelEmaV3(model, decay=cfg.train.ema_decay, device=torch.device("cpu"))
+    ema.module.to(next(model.parameters()).device)
+    return ema
 
 
-def _record_provenance(run: RunFolder, cfg: Config, derived: Derived, runtime: Runtime, pipeline: Pipeline,
-                       train_set, val_set, fingerprint: dict[str, Any], state: TrainState,
-                       saved: dict[str, Any] | None) -> None:
+def record_provenance(run: RunFolder, cfg: Schema, derived, runtime: Runtime, classes, state: TrainState,
+                      saved: dict[str, Any] | None, *, input_pipeline: dict[str, Any], dataset: dict[str, Any]
+                      ) -> None:
     """config.yaml and classes.json; manifest.json on a fresh start, a resume entry appended on a resume."""
     run.write_text("config.yaml", to_yaml(cfg, derived))
-    run.write_json("classes.json", list(train_set.classes))
-    manifest = build_manifest(runtime_info=runtime.describe(), input_pipeline=pipeline.describe(),
-                              dataset={"train": fingerprint, "val": dataset_fingerprint(val_set)},
+    run.write_json("classes.json", list(classes))
+    manifest = build_manifest(runtime_info=runtime.describe(), input_pipeline=input_pipeline, dataset=dataset,
                               derived=vars(derived))
     if saved is None:
         run.truncate_logs_after(0)
@@ -398,8 +507,8 @@ def _evaluate_epoch(model, ema, loader, runtime: Runtime, prepare_batch) -> dict
     return result
 
 
-def _checkpoint_payload(model, ema, optimizer, runtime: Runtime, state: TrainState, cfg: Config, classes,
-                        fingerprint: dict[str, Any]) -> dict[str, Any]:
+def checkpoint_payload(model, ema, optimizer, runtime: Runtime, state: TrainState, cfg: Schema, classes,
+                       fingerprint: dict[str, Any]) -> dict[str, Any]:
     """Everything the run depends on. Random draws are keyed by (seed, step, sample), so the position
     (``train_state.step``) replaces the RNG states other trainers must save."""
     payload = {

@@ -253,13 +253,33 @@ def test_variant_configs_add_only_the_model(variant):
     assert doc == {"base": "_recipe.yaml", "model": model}
 
 
-def test_config_reference_document_is_in_step_with_the_schema():
-    from pathlib import Path
-
-    from mambaout.config import describe_schema
+def test_config_reference_document_is_in_step_with_the_schemas():
+    pytest.importorskip("segmentation_models_pytorch", reason="the fine-tuning schemas need the downstream extra")
+    from mambaout.downstream.config import DetectionConfig, SegmentationConfig
 
     document = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
-    assert document.endswith(describe_schema() + "\n"), "regenerate docs/CONFIG.md: python train.py --help-config"
+    commands = {"train.py": Config, "scripts/finetune_detection.py": DetectionConfig,
+                "scripts/finetune_segmentation.py": SegmentationConfig}
+    parts = document.split("\n## ")[1:]
+    assert [part.split("\n", 1)[0] for part in parts] == [f"`{command}`" for command in commands]
+    for part, (command, schema) in zip(parts, commands.items()):
+        assert part.split("\n\n", 1)[1].rstrip("\n") == describe_schema(schema).rstrip("\n"), (
+            f"regenerate its part of docs/CONFIG.md: python {command} --help-config")
+
+
+def test_a_root_schema_gives_its_sections_other_defaults_and_the_same_checks(tmp_path):
+    pytest.importorskip("segmentation_models_pytorch", reason="the fine-tuning schemas need the downstream extra")
+    from mambaout.downstream.config import DetectionConfig
+
+    cfg = load_config(None, ["optim.weight_decay=0.1"], DetectionConfig)
+    assert (cfg.optim.global_batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (16, 1e-4, 0.1)
+    assert load_config(None).optim.global_batch_size == 4096  # train.py's schema keeps its own
+    assert config_from_dict(cfg.to_dict(), schema=DetectionConfig) == cfg
+    with pytest.raises(ConfigError, match="unknown section 'aug'; valid: model, data, optim, sched, train, eval"):
+        load_config(None, ["aug.hflip=0.5"], DetectionConfig)
+    with pytest.raises(ConfigError, match="model.rpn_proposals: expected list of 2 ints with each > 0"):
+        load_config(write(tmp_path / "x.yaml", "model:\n  rpn_proposals: [0, 5]\n"), (), DetectionConfig)
+    assert "| `sched.milestones` | list of 2 ints with each > 0 | `[8, 11]` |" in describe_schema(DetectionConfig)
 
 
 def test_odd_micro_batch_with_mixing_is_refused_at_start():
