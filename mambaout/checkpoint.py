@@ -7,6 +7,7 @@ only ever unpickled with ``weights_only=True``. Every problem surfaces as one ``
 file, what is wrong and what to do.
 """
 import argparse
+import errno
 import logging
 import os
 import re
@@ -45,6 +46,7 @@ class CheckpointError(Exception):
 
 TORCH_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.bin')
 SAFETENSORS_SUFFIX = '.safetensors'
+HUB_WEIGHTS_FILES = ('model.safetensors', 'pytorch_model.bin')  # a timm hub folder's, by preference
 _WEIGHTS_KEYS = ('state_dict', 'model')
 _EMA_KEYS = ('state_dict_ema', 'model_ema')
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # (Distributed)DataParallel, torch.compile
@@ -62,14 +64,22 @@ def read_weights_file(path: PathLike, use_ema: bool = False) -> StateDict:
 
 
 def read_file(path: PathLike) -> object:
-    """The content of a torch or safetensors file as stored (a trainer's wrapper stays wrapped)."""
+    """The content of a torch or safetensors file as stored (a trainer's wrapper stays wrapped), or of the weights
+    file of a folder in timm's hub format (an export, a hub snapshot)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f'{path}: no such file. Check the path (relative paths start at {Path.cwd()}).')
     if path.is_dir():
-        raise CheckpointError(f'{path} is a directory: pass the weights file inside it '
-                              f'({", ".join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}).')
+        path = _hub_weights_file(path)
     return _read_safetensors(path) if path.name.endswith(SAFETENSORS_SUFFIX) else _read_torch_file(path)
+
+
+def _hub_weights_file(folder: Path) -> Path:
+    found = next((folder / name for name in HUB_WEIGHTS_FILES if (folder / name).is_file()), None)
+    if found is None:
+        raise CheckpointError(f'{folder} is a directory without {" or ".join(HUB_WEIGHTS_FILES)}: pass the weights '
+                              f'file inside it ({", ".join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}).')
+    return found
 
 
 def _read_safetensors(path: Path) -> StateDict:
@@ -84,7 +94,9 @@ def _read_torch_file(path: Path) -> object:
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # a damaged file fails in many ways: OSError, EOFError, KeyError, RuntimeError...
-        refused = re.search(r'Unsupported global: GLOBAL (\S+)', str(err))
+        # torch names the refused global as 'Unsupported global: GLOBAL mod.name' or, for a blocked module
+        # (os, posix, subprocess...), 'unsupported GLOBAL mod.name whose module mod is blocked'
+        refused = re.search(r'[Uu]nsupported (?:global: )?GLOBAL (\S+)', str(err))
         if refused:
             raise CheckpointError(
                 f'{path}: refused for safety: the file contains pickled Python objects beyond tensors '
@@ -412,10 +424,27 @@ def save_training_checkpoint(state: dict, path: PathLike) -> None:
         tmp.unlink(missing_ok=True)
         if not isinstance(error, (OSError, RuntimeError)):
             raise
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise CheckpointError(
-            f'could not write checkpoint {path}: {reason}. The previous checkpoint is intact. Free disk space '
-            '(or point train.output_dir at a larger disk) and resume.') from error
+            f'could not write checkpoint {path}: {_write_failure(error)}. The previous checkpoint is intact. Free '
+            'disk space, raise the quota or the file-size limit (ulimit -f), or point train.output_dir at a larger '
+            'disk, and resume.') from error
+
+
+# How storage refuses a write: no space left, the process's file-size limit (RLIMIT_FSIZE), the disk quota.
+_REFUSED_WRITE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _write_failure(error: BaseException) -> str:
+    """Why a checkpoint write failed, in words. torch's zip writer reports a refused write as a short one
+    ("enforce fail at inline_container.cc ... unexpected pos"), with the OSError as its context."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno in _REFUSED_WRITE:
+            return f'the disk refused the write ({cause.strerror})'
+        cause = cause.__cause__ or cause.__context__
+    if 'unexpected pos' in str(error):
+        return 'the disk refused the write (it stopped short)'
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def load_training_checkpoint(path: PathLike) -> dict:

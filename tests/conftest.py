@@ -1,13 +1,25 @@
 """Shared fixtures: tiny real image folders and a tiny training config (tests must stay fast on 2 cores)."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CLASSES = ("circle", "square", "stripes", "dots")
+
+# The test process trains on one thread, as the jobs that tests start do (helpers.job_env): on the 2 cores it
+# shares with those jobs, two threads wait for each other at every parallel region (a tiny run took 10-40 s
+# instead of 3 s), and a run in this process is computed exactly as the same run in a job.
+torch.set_num_threads(1)
+
+# The suite's many tiny runs (and the train.py processes they start) go without curves.png, a figure per
+# evaluation; tests/test_plots.py draws it.
+os.environ.setdefault("MAMBAOUT_CURVES", "off")
 
 
 def write_image_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int = 0) -> Path:
@@ -46,3 +58,40 @@ def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
     }
     settings.update(extra)
     return [f"{key}={'null' if value is None else value}" for key, value in settings.items()]
+
+
+# --- the XLA suite runs, or CI fails -----------------------------------------------------------------------------
+# CI runs `PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`. Where torch_xla is missing or cannot load, the
+# XLA tests would skip and CI would pass without them: PJRT_DEVICE makes torch_xla required, and the `-m xla` run
+# fails unless its tests ran, none skipped.
+
+def pytest_configure(config) -> None:
+    device = os.environ.get("PJRT_DEVICE")
+    if not device:
+        return
+    try:
+        import torch_xla  # noqa: F401
+    except Exception as error:  # ImportError, or an undefined symbol when it meets another torch
+        raise pytest.UsageError(
+            f"PJRT_DEVICE={device} asks for the XLA suite, but torch_xla does not load in {sys.prefix} "
+            f"({type(error).__name__}: {error}). Create its environment with `bash scripts/setup_xla_env.sh` and run "
+            "`PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`.") from None
+
+
+_xla_outcomes: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if "xla" in report.keywords and (report.when == "call" or report.skipped):
+        _xla_outcomes.append(report.outcome)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if not os.environ.get("PJRT_DEVICE") or session.config.option.markexpr != "xla" or exitstatus != 0:
+        return
+    skipped, passed = _xla_outcomes.count("skipped"), _xla_outcomes.count("passed")
+    if skipped or not passed:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"the XLA suite did not run: {passed} XLA tests passed, {skipped} skipped", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

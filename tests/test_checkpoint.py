@@ -1,6 +1,8 @@
 """Reading, converting and loading weights; each bad file gives one clear CheckpointError."""
 import argparse
 import logging
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,13 +12,20 @@ import torch
 
 from mambaout import create_model
 from mambaout.checkpoint import (
-    CheckpointError, load_pretrained, read_weights_file, save_weights, to_original_layout, to_timm_layout)
+    CheckpointError, load_pretrained, load_training_checkpoint, read_weights_file, save_weights, to_original_layout,
+    to_timm_layout)
 
 CONVERT = Path(__file__).resolve().parents[1] / 'scripts' / 'convert_checkpoint.py'
 
 
-class ArbitraryObject:
-    """Stands for any pickled class: loading it would run code from the file."""
+class FileCreatingPayload:
+    """Unpickled, it runs ``os.system('touch MARKER')``: the marker file appears if a loader ran code from the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {shlex.quote(str(self.marker))}',)
 
 
 @pytest.fixture(scope='module')
@@ -108,14 +117,30 @@ def test_file_formats(tmp_path, femto_state, suffix, layout):
 
 # --- bad files ----------------------------------------------------------------------------------------------------
 
-def test_pickled_objects_are_refused(tmp_path, femto_state):
-    path = tmp_path / 'unsafe.pth'
-    torch.save({'state_dict': femto_state, 'hook': ArbitraryObject()}, path)
-    message = checkpoint_error(read_weights_file, path)
+def unsafe_file(folder: Path, femto_state) -> tuple[Path, Path]:
+    """A file laid out as a training checkpoint (weights, step) with a code-running payload beside the tensors, and
+    the payload's marker file."""
+    path, marker = folder / 'unsafe.pth', folder / 'code-ran'
+    torch.save({'model': femto_state, 'train_state': {'step': 1}, 'hook': FileCreatingPayload(marker)}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize('load', [read_weights_file, lambda path: create_model('mambaout_femto', checkpoint=path),
+                                  load_training_checkpoint],
+                         ids=['read_weights_file', 'create_model', 'load_training_checkpoint (resume)'])
+def test_pickled_code_is_refused_unrun(tmp_path, femto_state, load):
+    """A payload that would create a file when unpickled: every loader (weights for a model, a training checkpoint
+    to resume) refuses the file naming the pickled global, and the file never appears; a plain unpickling creates
+    it (the payload is live)."""
+    path, marker = unsafe_file(tmp_path, femto_state)
+    message = checkpoint_error(load, path)
+    assert not marker.exists()
     assert str(path) in message
-    assert 'pickled Python objects beyond tensors' in message and 'ArbitraryObject' in message
+    assert 'pickled Python objects beyond tensors' in message and f'{os.system.__module__}.system' in message
     assert 'refused for safety' in message
     assert 'convert_checkpoint.py' in message and '.safetensors' in message
+    torch.load(path, weights_only=False)
+    assert marker.exists()
 
 
 @pytest.mark.parametrize('variant', ['mambaout_kobe', 'mambaout_tiny'])
@@ -195,7 +220,7 @@ def test_convert_cli_bad_input(tmp_path, femto_state):
     assert missing.returncode == 2
     assert missing.stderr.count('\n') == 1 and 'no such file' in missing.stderr
 
-    torch.save({'state_dict': femto_state, 'hook': ArbitraryObject()}, tmp_path / 'unsafe.pth')
-    unsafe = convert(tmp_path / 'unsafe.pth', tmp_path / 'out.pth')
+    path, marker = unsafe_file(tmp_path, femto_state)
+    unsafe = convert(path, tmp_path / 'out.pth')
     assert unsafe.returncode == 2 and 'refused for safety' in unsafe.stderr
-    assert not (tmp_path / 'out.pth').exists()
+    assert not (tmp_path / 'out.pth').exists() and not marker.exists()

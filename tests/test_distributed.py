@@ -6,14 +6,13 @@ module-scoped fixture. The README's one-node command (scripts/launch_gpu.sh) run
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,11 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_overrides
+import faults
+from conftest import CLASSES, tiny_overrides
+from faults import Fault
+from helpers import (
+    REPO, START_TIMEOUT_S, TORCHRUN, Job, assert_identical, free_port, read_csv, run_job, torchrun, train_command,
+    wait_until)
 from mambaout.checkpoint import load_training_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 LAUNCH = ["bash", str(REPO / "scripts" / "launch_gpu.sh")]
 
 # Global batch 16 = micro batch 4 x processes x accumulation steps; 48 training images: 3 steps per epoch.
@@ -36,119 +38,15 @@ INVARIANCE = {"optim.global_batch_size": 16, "train.micro_batch_size": 4, "train
               "aug.mixup_alpha": 0.8, "aug.cutmix_alpha": 1.0, "model.drop_path_rate": 0.1}
 ACCUMULATION = {1: 4, 2: 2, 4: 1}
 README_CONFIG = ["--config", "configs/mambaout_small.yaml"]  # the README's commands, shrunk by the overrides
-START_TIMEOUT_S = 240  # one job, on a loaded 2-core machine
-
-
-# --- running jobs ------------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def job_env(**extra: str) -> dict[str, str]:
-    launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-                   "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "NPROC_PER_NODE")
-    env = {k: v for k, v in os.environ.items() if k not in launch_vars and not k.startswith("TORCHELASTIC_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCHRUN=" ".join(TORCHRUN))
-    env.update(extra)
-    return env
-
-
-class Job:
-    """A command started in its own session, its output in a file (a pipe could fill up and stall it)."""
-
-    def __init__(self, command: list[str], log: Path, **env: str) -> None:
-        self.command, self.log = command, log
-        self._file = open(log, "w")
-        self.proc = subprocess.Popen(command, cwd=REPO, env=job_env(**env), stdout=self._file,
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-    @property
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"{' '.join(self.command)} still ran after {timeout:.0f} s:\n{self.output[-4000:]}")
-
-    def descendants(self) -> list[int]:
-        """Pids of the processes this job started (torchrun puts its workers in sessions of their own)."""
-        parents: dict[int, int] = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    status = (entry / "status").read_text()
-                except OSError:
-                    continue
-                match = re.search(r"^PPid:\s*(\d+)", status, re.MULTILINE)
-                if match:
-                    parents[int(entry.name)] = int(match.group(1))
-        found, frontier = [], [self.proc.pid]
-        while frontier:
-            children = [pid for pid, parent in parents.items() if parent in frontier]
-            found += children
-            frontier = children
-        return found
-
-    def worker(self, rank: int) -> int:
-        """Pid of the worker process with this global rank."""
-        for pid in self.descendants():
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if f"RANK={rank}".encode() in environ and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in environ):
-                return pid
-        raise AssertionError(f"no worker of rank {rank} under {self.proc.pid}:\n{self.output[-3000:]}")
-
-    def kill(self) -> None:
-        for pid in [*self.descendants(), self.proc.pid]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.proc.wait(timeout=30)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.kill()
-        self._file.close()
-
-
-def run_job(command: list[str], log: Path, timeout: float = START_TIMEOUT_S, **env: str) -> tuple[int, str]:
-    job = Job(command, log, **env)
-    try:
-        return job.wait(timeout), job.output
-    finally:
-        job.close()
 
 
 def torchrun_train(nproc: int, overrides: list[str], log: Path, **env: str) -> tuple[int, str]:
-    command = [*TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "train.py",
-               *overrides]
-    return run_job(command, log, **env)
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return run_job(torchrun(nproc, "train.py", *overrides), log, **env)
 
 
 def wait_for_steps(path: Path, steps: int, jobs: list[Job], timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and len(read_csv(path)) >= steps:
-            return
-        for job in jobs:
-            if job.proc.poll() is not None:
-                pytest.fail(f"{' '.join(job.command)} ended early ({job.proc.returncode}):\n{job.output[-4000:]}")
-        time.sleep(0.2)
-    pytest.fail(f"no {steps} steps in {path} after {timeout} s:\n{jobs[0].output[-4000:]}")
+    wait_until(lambda: path.exists() and len(read_csv(path)) >= steps, f"{steps} steps in {path}", tuple(jobs),
+               timeout)
 
 
 # --- the same run on 1, 2 and 4 processes ------------------------------------------------------------------------
@@ -156,29 +54,40 @@ def wait_for_steps(path: Path, steps: int, jobs: list[Job], timeout: float = STA
 PIPELINES = {"timm": {"data.pipeline": "timm"},
              # the GPUs' default path, on the CPU: augmentation batched in the main process, by op groups
              "tensor": {"data.pipeline": "tensor", "data.augment_on": "device"}}
+# 4 processes (no accumulation left) are the loop's case, shown once; a pipeline's draws are keyed per sample, and
+# 2 processes show that its run does not depend on the split.
+PROCESS_COUNTS = {"timm": (1, 2, 4), "tensor": (1, 2)}
 
 
-@pytest.fixture(scope="module", params=list(PIPELINES))
-def runs(request, image_root, tmp_path_factory) -> dict[int, Path]:
-    """The run folders of one training run on 1, 2 (the README's launch script) and 4 processes, with the timm
-    pipeline and with the tensor pipeline."""
-    base = tmp_path_factory.mktemp(f"dist-{request.param}")
-    folders = {}
-    for nproc in (1, 2, 4):
-        out = base / f"p{nproc}"
-        overrides = [*README_CONFIG, *tiny_overrides(image_root, out, **INVARIANCE, **PIPELINES[request.param])]
-        if nproc == 2:  # the README's one-node command, as written, on CPU
-            status, output = run_job([*LAUNCH, "--nproc_per_node", "2", *overrides], base / "p2.log")
-            assert "--nproc_per_node=2 --standalone train.py --config configs/mambaout_small.yaml" in output, \
-                output[-3000:]
-        else:
-            status, output = torchrun_train(nproc, overrides, base / f"p{nproc}.log")
-        assert status == 0, output[-4000:]
-        announced = rf"global batch 16 = micro batch 4 x {nproc} \w+ x {ACCUMULATION[nproc]} accumulation steps"
-        assert len(re.findall(announced, output)) == 1, output[-3000:]  # printed at start, by rank 0 alone
-        assert output.count("epoch 1 step 6") == 1, output[-3000:]
-        folders[nproc] = out
-    return folders
+@pytest.fixture(scope="module")
+def runs(image_root, tmp_path_factory):
+    """``runs(pipeline)``: the run folders of one training run on 1 process (`python train.py`), 2 (the README's
+    launch script) and, for timm's pipeline, 4 (torchrun); made on first use."""
+    made: dict[str, dict[int, Path]] = {}
+
+    def get(pipeline: str) -> dict[int, Path]:
+        if pipeline in made:
+            return made[pipeline]
+        base = tmp_path_factory.mktemp(f"dist-{pipeline}")
+        folders = {}
+        for nproc in PROCESS_COUNTS[pipeline]:
+            out = base / f"p{nproc}"
+            overrides = [*README_CONFIG, *tiny_overrides(image_root, out, **INVARIANCE, **PIPELINES[pipeline])]
+            if nproc == 2:  # the README's one-node command, as written, on CPU
+                status, output = run_job([*LAUNCH, "--nproc_per_node", "2", *overrides], base / "p2.log")
+                assert "--nproc_per_node=2 --standalone train.py --config configs/mambaout_small.yaml" in output, \
+                    output[-3000:]
+            else:
+                status, output = run_job(train_command(nproc, overrides), base / f"p{nproc}.log")
+            assert status == 0, output[-4000:]
+            announced = rf"global batch 16 = micro batch 4 x {nproc} \w+ x {ACCUMULATION[nproc]} accumulation steps"
+            assert len(re.findall(announced, output)) == 1, output[-3000:]  # printed at start, by rank 0 alone
+            assert output.count("epoch 1 step 6") == 1, output[-3000:]
+            folders[nproc] = out
+        made[pipeline] = folders
+        return folders
+
+    return get
 
 
 def max_weight_difference(a: dict, b: dict) -> float:
@@ -186,32 +95,36 @@ def max_weight_difference(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def test_processes_record_their_split(runs):
-    for nproc, out in runs.items():
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_processes_record_their_split(runs, pipeline):
+    for nproc, out in runs(pipeline).items():
         manifest = json.loads((out / "manifest.json").read_text())
         derived = manifest["derived"]
         assert (derived["micro_batch_size"], derived["num_shards"], derived["accum_steps"]) == (
             4, nproc, ACCUMULATION[nproc])
         runtime = manifest["runtime"]
         assert runtime["world_size"] == nproc and runtime["device"] == "cpu"
-        assert runtime["backend"] == "gloo" and runtime["nodes"] == 1 and runtime["processes_per_node"] == nproc
+        assert runtime["backend"] == ("gloo" if nproc > 1 else None)  # one process needs no process group
+        assert runtime["nodes"] == 1 and runtime["processes_per_node"] == nproc
         assert (out / "tensorboard").is_dir() and (out / "last.pth").is_file()
 
 
-def test_same_weights_and_losses_on_1_2_4_processes(runs):
-    reference_steps = read_csv(runs[1] / "steps.csv")
-    reference = load_training_checkpoint(runs[1] / "last.pth")
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_same_weights_and_losses_on_1_2_4_processes(runs, pipeline):
+    folders = runs(pipeline)
+    reference_steps = read_csv(folders[1] / "steps.csv")
+    reference = load_training_checkpoint(folders[1] / "last.pth")
     assert [int(r["step"]) for r in reference_steps] == [1, 2, 3, 4, 5, 6]
     report = []
-    for nproc in (2, 4):
-        steps = read_csv(runs[nproc] / "steps.csv")
+    for nproc in PROCESS_COUNTS[pipeline][1:]:
+        steps = read_csv(folders[nproc] / "steps.csv")
         assert [int(r["step"]) for r in steps] == [1, 2, 3, 4, 5, 6]
         loss_error = max(abs(float(a["loss"]) - float(b["loss"])) / abs(float(a["loss"]))
                          for a, b in zip(reference_steps, steps))
         norm_error = max(abs(float(a["grad_norm"]) - float(b["grad_norm"])) / float(a["grad_norm"])
                          for a, b in zip(reference_steps, steps))
         assert [r["lr"] for r in steps] == [r["lr"] for r in reference_steps]
-        state = load_training_checkpoint(runs[nproc] / "last.pth")
+        state = load_training_checkpoint(folders[nproc] / "last.pth")
         assert state["train_state"]["step"] == reference["train_state"]["step"] == 6
         weight_error = max_weight_difference(reference["model"], state["model"])
         report.append(f"{nproc} processes vs 1: weights {weight_error:.3g} max abs, losses {loss_error:.3g} "
@@ -223,12 +136,14 @@ def test_same_weights_and_losses_on_1_2_4_processes(runs):
     print("\n" + "\n".join(report))
 
 
-def test_evaluation_during_training_counts_every_image_once(runs):
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_evaluation_during_training_counts_every_image_once(runs, pipeline):
     """The odd-sized validation set (21 images) gives the same top-1 on 1, 2 and 4 processes."""
-    reference = read_csv(runs[1] / "metrics.csv")
+    folders = runs(pipeline)
+    reference = read_csv(folders[1] / "metrics.csv")
     assert [int(r["step"]) for r in reference] == [3, 6]
-    for nproc in (2, 4):
-        rows = read_csv(runs[nproc] / "metrics.csv")
+    for nproc in PROCESS_COUNTS[pipeline][1:]:
+        rows = read_csv(folders[nproc] / "metrics.csv")
         assert [(r["top1"], r["top5"]) for r in rows] == [(r["top1"], r["top5"]) for r in reference]
         for a, b in zip(rows, reference):
             assert float(a["eval_loss"]) == pytest.approx(float(b["eval_loss"]), rel=1e-5)
@@ -238,7 +153,7 @@ def test_validation_on_3_processes_equals_single_process(runs, tmp_path):
     """The same weights evaluated by 3 processes (7 images each): exactly the single-process run's top-1.
     (2 and 4 processes: the evaluation during training above.)"""
     nproc = 3
-    run = runs[1]
+    run = runs("timm")[1]
     final = read_csv(run / "metrics.csv")[-1]
     results = tmp_path / "results.json"
     command = [*TORCHRUN, "--nproc_per_node", str(nproc), "--master_port", str(free_port()), "validate.py",
@@ -454,3 +369,79 @@ def test_one_small_all_reduce_per_optimizer_step(image_root, tmp_path):
         epochs = json.loads((tmp_path / f"counts.{rank}.json").read_text())
         assert sum(e["steps"] for e in epochs) == 4
         assert all(e["all_reduces"] == e["steps"] for e in epochs), epochs
+
+
+# --- a fault on one rank -----------------------------------------------------------------------------------------
+
+# rank 1's loss alone reads NaN (its gradients are finite: the gradient all-reduce does not spread it)
+NAN_ON_RANK_1 = {"kind": "nan-loss-value", "accum_steps": 1, "rank": 1}
+UNREADABLE = [f"{CLASSES[0]}_{i:03d}.png" for i in range(0, 12, 2)]  # 6 of the 48 training images
+
+
+@pytest.fixture(scope="module")
+def rank1_fault(image_root, tmp_path_factory) -> Path:
+    """The run folder of one epoch (6 steps) on 2 processes, a checkpoint every step, train.skip_nonfinite=true, a
+    NaN loss on rank 1 alone at step 3, and the ``UNREADABLE`` images corrupt."""
+    base = tmp_path_factory.mktemp("rank1-fault")
+    root = base / "data"
+    shutil.copytree(image_root, root)
+    for name in UNREADABLE:
+        (root / "train" / CLASSES[0] / name).write_bytes(b"not an image")
+    out = base / "run"
+    overrides = tiny_overrides(root, out, **{"train.max_steps": 6, "train.checkpoint_every_steps": 1,
+                                             "train.keep_checkpoints": 10, "train.skip_nonfinite": True})
+    status, output = torchrun_train(2, overrides, base / "job.log", **faults.env(Fault(steps=(3,), **NAN_ON_RANK_1)))
+    assert status == 0, output[-4000:]
+    return out
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[key], b[key]) for key in a)
+
+
+def test_a_nonfinite_loss_on_one_rank_is_skipped_by_every_rank(rank1_fault):
+    """Rank 0's loss and gradients are finite at step 3, yet it skips the step with rank 1: rank 0's checkpoint of
+    step 3 equals step 2's in every tensor (weights, Adam's moments and step counts), the skip is counted once (in
+    metrics.csv too, whose epoch loss is the mean of the steps taken), and steps 2 and 4 train."""
+    saved = {step: load_training_checkpoint(rank1_fault / "checkpoints" / f"step_{step:08d}.pth")
+             for step in (1, 2, 3, 4)}
+    assert [saved[step]["train_state"]["nonfinite_skips"] for step in (2, 3, 4)] == [0, 1, 1]
+    assert_identical(saved[2]["model"], saved[3]["model"], "model")
+    assert_identical(saved[2]["optimizer"], saved[3]["optimizer"], "optimizer")
+    assert differs(saved[1]["model"], saved[2]["model"]) and differs(saved[3]["model"], saved[4]["model"])
+    [epoch] = read_csv(rank1_fault / "metrics.csv")
+    assert epoch["nonfinite_skips"] == "1" and math.isfinite(float(epoch["train_loss"]))
+
+
+def test_unreadable_training_images_are_counted_over_every_process(rank1_fault, image_root):
+    """The 6 unreadable images are shared out between the 2 processes by the epoch's keyed order (each reads some):
+    metrics.csv's bad_images and the checkpoint count all 6."""
+    from mambaout.data import MicroBatchSampler
+    from mambaout.data.datasets import scan_split
+
+    samples, _ = scan_split(image_root, "train")
+    for rank in (0, 1):
+        sampler = MicroBatchSampler(len(samples), 8, 4, 2, [rank], seed=42)
+        sampler.set_epoch(0)
+        read = {Path(samples[index][0]).name for batch in sampler for index, _ in batch}
+        assert read & set(UNREADABLE), f"rank {rank} reads none of the unreadable images"
+    assert [row["bad_images"] for row in read_csv(rank1_fault / "metrics.csv")] == [str(len(UNREADABLE))]
+    assert load_training_checkpoint(rank1_fault / "last.pth")["train_state"]["bad_images"] == len(UNREADABLE)
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank_at_that_step(image_root, tmp_path):
+    """train.skip_nonfinite=false and rank 1's loss alone NaN at step 2: both ranks stop there, each with status 3
+    and the error naming step 2, and nothing is checkpointed after step 1."""
+    out = tmp_path / "run"
+    overrides = tiny_overrides(image_root, out, **{"train.max_steps": 3, "train.checkpoint_every_steps": 1})
+    # torchrun looks at its workers every 2 s (not 0.1): the rank that ends first does not have the other
+    # stopped before it has exited on its own
+    command = [*TORCHRUN, "--monitor-interval", "2", "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "train.py", *overrides]
+    exit_log = tmp_path / "exit.log"
+    status, output = run_job(command, tmp_path / "job.log",
+                             **faults.env(Fault(steps=(2,), **NAN_ON_RANK_1), exit_log=exit_log))
+    assert status != 0
+    assert output.count("train.py: error: non-finite training values at optimizer step 2: ") == 2, output[-4000:]
+    assert faults.exit_statuses(exit_log) == [{0: 3, 1: 3}], output[-4000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001.pth"]

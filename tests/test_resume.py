@@ -1,141 +1,329 @@
-"""Crash-proof training: a killed or preempted run, resumed with the same command, is the same run."""
+"""Crash-proof training: a killed or preempted job, rerun with the same command, resumes at its newest checkpoint
+and is the same run; a NaN or an infinite gradient never reaches the weights; a disk that refuses a write or a
+kill during one leaves the previous checkpoint."""
 from __future__ import annotations
 
+import math
 import os
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import faults
 from conftest import tiny_overrides
-from mambaout import checkpoint
-from mambaout.checkpoint import CheckpointError, CheckpointFolder, load_training_checkpoint
+from faults import Fault
+from helpers import (
+    REPO, TORCHRUN, Job, assert_identical, read_csv, run_job, train_command, wait_until, without_timing)
+from mambaout.checkpoint import CheckpointFolder, load_training_checkpoint
 from mambaout.config import load_config
 from mambaout.engine import NonFiniteLossError
 from mambaout.tracking import RunFolderError
-from mambaout.trainer import PREEMPTED_EXIT_CODE, ResumeError, train
+from mambaout.trainer import NONFINITE_EXIT_CODE, PREEMPTED_EXIT_CODE, ResumeError, train
 
-REPO = Path(__file__).resolve().parents[1]
-# Mixup/CutMix, drop path and random erasing are on (the schema's recipe defaults), 2 data workers.
+# Mixup/CutMix, drop path and random erasing are on (the schema's recipe defaults), EMA too, 2 data workers. 48
+# images, global batch 8 in micro-batches of 4: 6 optimizer steps an epoch (evaluated and checkpointed at its end),
+# a checkpoint every 2 steps, 8 steps in all.
 RUN = {"train.max_steps": 8, "data.num_workers": 2, "train.checkpoint_every_steps": 2,
-       "aug.random_erase_prob": 0.5}
+       "aug.random_erase_prob": 0.5, "train.ema": True}
+END = 8
+# The jobs: one process with timm's pipeline, started as `python train.py`; two processes under torchrun with the
+# tensor pipeline augmenting on the device (the GPUs' default path, run on the CPU).
+JOBS = {"python": (1, {}), "torchrun": (2, {"data.pipeline": "tensor", "data.augment_on": "device"})}
 
 
-def launch(image_root, out, nproc: int = 1, **extra) -> subprocess.Popen:
-    overrides = tiny_overrides(image_root, out, **{**RUN, **extra})
-    if nproc == 1:
-        command = [sys.executable, "train.py", *overrides]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", str(free_port()), "train.py", *overrides]
-    # A session of its own, so that a kill reaches torchrun's workers too.
-    return subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def finish(process: subprocess.Popen, timeout: float = 240) -> int:
-    output, _ = process.communicate(timeout=timeout)
-    process.output = output
-    return process.returncode
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"run ended before {path.name} appeared:\n{process.communicate()[0]}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.005)
-
-
-def assert_same_run(out_a: Path, out_b: Path) -> None:
-    a, b = load_training_checkpoint(out_a / "last.pth"), load_training_checkpoint(out_b / "last.pth")
-    assert a["train_state"]["step"] == b["train_state"]["step"] == 8
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for (ka, va), (kb, vb) in zip(a["optimizer"]["state"].items(), b["optimizer"]["state"].items()):
-        assert ka == kb and all(torch.equal(va[name], vb[name]) for name in va)
-    for log in ("steps.csv", "metrics.csv"):  # losses, lr, accuracy to the last digit; timings differ
-        assert _without_timing(out_a / log) == _without_timing(out_b / log)
-
-
-def _without_timing(path: Path) -> list[list[str]]:
-    rows = [line.split(",") for line in path.read_text().splitlines()]
-    measured = ("img_per_s", "mfu", "epoch_seconds", "peak_memory_mib")  # of the machine, not of the run
-    drop = {i for i, column in enumerate(rows[0]) if column in measured}
-    return [[v for i, v in enumerate(row) if i not in drop] for row in rows]
+def command(image_root: Path, out: Path, kind: str, **extra) -> list[str]:
+    nproc, settings = JOBS[kind]
+    return train_command(nproc, tiny_overrides(image_root, out, **{**RUN, **settings, **extra}))
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(image_root, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs") / "uninterrupted"
-    process = launch(image_root, out)
-    assert finish(process) == 0, process.output
-    return out
+def uninterrupted(image_root, tmp_path_factory):
+    """``uninterrupted(kind)``: the run folder of that kind of job run to its end at once (made on first use)."""
+    folders: dict[str, Path] = {}
+
+    def get(kind: str = "python") -> Path:
+        if kind not in folders:
+            out = tmp_path_factory.mktemp("uninterrupted") / kind
+            status, output = run_job(command(image_root, out, kind), out.parent / f"{kind}.log")
+            assert status == 0, output[-4000:]
+            folders[kind] = out
+        return folders[kind]
+
+    return get
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_same_command_resumes_bit_identically(image_root, uninterrupted, tmp_path, nproc):
-    out = tmp_path / "killed"
-    if nproc > 1:  # the 2-process reference: the same run, as torchrun
-        reference = tmp_path / "reference"
-        process = launch(image_root, reference, nproc=nproc)
-        assert finish(process) == 0, process.output
-        uninterrupted = reference
-    process = launch(image_root, out, nproc=nproc)
-    wait_for(out / "checkpoints" / "step_00000004.pth", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    assert finish(process) == -signal.SIGKILL
-    assert CheckpointFolder(out).load_latest()["train_state"]["step"] >= 4
-
-    process = launch(image_root, out, nproc=nproc)
-    assert finish(process) == 0, process.output
-    assert "resuming" in process.output
-    assert_same_run(uninterrupted, out)
+def assert_same_run(reference: Path, out: Path) -> None:
+    """The same final checkpoint in every tensor and number (weights, Adam's moments and step counts, EMA, the loss
+    record, best top-1; its config aside: another output_dir), and the same log rows, timings aside."""
+    a, b = (load_training_checkpoint(folder / "last.pth") for folder in (reference, out))
+    assert a["train_state"]["step"] == END
+    assert_identical({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+    for log in ("steps.csv", "metrics.csv"):
+        assert without_timing(reference / log) == without_timing(out / log), log
 
 
-def test_tensor_pipeline_resumes_bit_identically_after_sigkill(image_root, tmp_path):
-    """The tensor pipeline (augmentation on the device, 2 workers) keeps the promise too: its plans are keyed by
-    (seed, epoch, index), so the killed run continues from its checkpoint exactly."""
-    tensor = {"data.pipeline": "tensor", "data.augment_on": "device"}
-    reference, out = tmp_path / "reference", tmp_path / "killed"
-    process = launch(image_root, reference, **tensor)
-    assert finish(process) == 0, process.output
-    process = launch(image_root, out, **tensor)
-    wait_for(out / "checkpoints" / "step_00000004.pth", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    assert finish(process) == -signal.SIGKILL
-    saved = CheckpointFolder(out).load_latest()["train_state"]["step"]
-    assert 4 <= saved < 8
-    process = launch(image_root, out, **tensor)
-    assert finish(process) == 0, process.output
-    assert f"at optimizer step {saved}" in process.output
+def resumed_at(output: str, out: Path) -> int:
+    """The step of the rerun's `resuming OUT at optimizer step N` line (there must be one)."""
+    found = re.findall(rf"resuming {re.escape(str(out))} at optimizer step (\d+)", output)
+    assert len(found) == 1, output[-4000:]
+    return int(found[0])
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "steps.csv"
+    return len(read_csv(path)) if path.exists() else 0
+
+
+def checkpoints(out: Path) -> dict[int, dict]:
+    """The run's step checkpoints by step (each written whole or not at all)."""
+    return {int(p.stem.split("_")[1]): load_training_checkpoint(p) for p in (out / "checkpoints").glob("step_*.pth")}
+
+
+# --- kills and preemption ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", JOBS)
+def test_a_killed_job_resumes_at_its_newest_checkpoint_bit_identically(image_root, uninterrupted, tmp_path, kind):
+    """SIGKILL to every process of the job at once (torchrun, its workers and their data workers, found by walking
+    the process tree) after step 4's checkpoint: the same command resumes at the newest saved step N, 4 <= N < 8,
+    and ends with the uninterrupted run's checkpoint and log rows, bit for bit."""
+    reference = uninterrupted(kind)
+    out = tmp_path / "run"
+    job = Job(command(image_root, out, kind), tmp_path / "killed.log")
+    try:
+        wait_until((out / "checkpoints" / "step_00000004.pth").exists, "step 4's checkpoint", (job,))
+        workers = [job.worker(rank) for rank in range(JOBS[kind][0])] if kind == "torchrun" else []
+        assert set(workers) <= set(job.kill())
+    finally:
+        job.close()
+    assert job.proc.returncode == -signal.SIGKILL  # killed, not finished
+    newest = max(checkpoints(out))
+    assert 4 <= newest < END
+
+    status, output = run_job(command(image_root, out, kind), tmp_path / "resumed.log")
+    assert status == 0, output[-4000:]
+    assert resumed_at(output, out) == newest
     assert_same_run(reference, out)
 
 
-def test_sigterm_saves_exits_with_preemption_code_and_resumes(image_root, uninterrupted, tmp_path):
-    out = tmp_path / "preempted"
-    process = launch(image_root, out, **{"train.checkpoint_every_steps": None})
-    wait_for(out / "steps.csv", process)  # training has started: mid-epoch, no checkpoint yet
-    os.killpg(process.pid, signal.SIGTERM)
-    assert finish(process) == PREEMPTED_EXIT_CODE, process.output
-    saved = load_training_checkpoint(out / "last.pth")
-    assert 0 < saved["train_state"]["step"] < 6  # stopped inside the first epoch
+def test_sigterm_checkpoints_the_next_step_exits_75_and_the_rerun_resumes_there(image_root, uninterrupted, tmp_path):
+    """SIGTERM to the job's process group mid-epoch, no periodic checkpoint due: train.py checkpoints at the next
+    step boundary and exits with status 75; the same command resumes at that step and ends as the uninterrupted
+    run."""
+    out = tmp_path / "run"
+    no_periodic = {"train.checkpoint_every_steps": None}
+    job = Job(command(image_root, out, "python", **no_periodic), tmp_path / "preempted.log")
+    try:
+        wait_until(lambda: logged_steps(out) >= 1, "the first step", (job,))
+        os.killpg(job.proc.pid, signal.SIGTERM)
+        assert job.wait() == PREEMPTED_EXIT_CODE, job.output[-4000:]
+    finally:
+        job.close()
+    saved = load_training_checkpoint(out / "last.pth")["train_state"]["step"]
+    assert 0 < saved < 6  # inside the first epoch
 
-    process = launch(image_root, out, **{"train.checkpoint_every_steps": None})
-    assert finish(process) == 0, process.output
-    assert_same_run(uninterrupted, out)
+    status, output = run_job(command(image_root, out, "python", **no_periodic), tmp_path / "resumed.log")
+    assert status == 0, output[-4000:]
+    assert resumed_at(output, out) == saved
+    assert_same_run(uninterrupted("python"), out)
+
+
+def test_train_until_done_relaunches_a_preempted_torchrun_job_to_the_end(image_root, uninterrupted, tmp_path):
+    """scripts/train_until_done.sh around torchrun, SIGTERM to the rank-1 worker alone: rank 0, never signalled,
+    stops at the same step and checkpoints it, both exit with status 75 (torchrun itself reports 1: the script sees
+    the run's marker file), and the script relaunches the command once; the relaunch resumes at that step, both
+    ranks exit with status 0 and the run ends as the uninterrupted one, bit for bit."""
+    reference = uninterrupted("torchrun")
+    out = tmp_path / "run"
+    nproc, settings = JOBS["torchrun"]
+    overrides = tiny_overrides(image_root, out, **{**RUN, **settings, "train.checkpoint_every_steps": None})
+    # --standalone: each launch finds a free port; torchrun looks at its workers every 2 s (not 0.1): a worker
+    # that ends first does not have the other stopped before it has exited on its own
+    launch = [*TORCHRUN, "--standalone", "--monitor-interval", "2", "--nproc_per_node", str(nproc), "train.py"]
+    exit_log = tmp_path / "exit.log"
+    job = Job(["bash", str(REPO / "scripts" / "train_until_done.sh"), *launch, *overrides], tmp_path / "job.log",
+              **faults.env(exit_log=exit_log))
+    try:
+        wait_until(lambda: logged_steps(out) >= 1, "the first step", (job,))
+        os.kill(job.worker(1), signal.SIGTERM)
+        assert job.wait() == 0, job.output[-6000:]
+    finally:
+        job.close()
+    preempted, relaunched = job.output.split("train_until_done: preempted, restart 1: ")
+    assert "restart 2" not in relaunched
+    assert faults.exit_statuses(exit_log) == [{0: PREEMPTED_EXIT_CODE, 1: PREEMPTED_EXIT_CODE}, {0: 0, 1: 0}]
+    saved = resumed_at(relaunched, out)
+    assert f"preempted: checkpoint of step {saved} saved" in preempted and 0 < saved < END
+    assert_same_run(reference, out)
+
+
+# --- non-finite steps --------------------------------------------------------------------------------------------
+
+EVERY_STEP = {**RUN, "data.num_workers": 0, "train.max_steps": 6, "train.checkpoint_every_steps": 1,
+              "train.keep_checkpoints": 10}
+
+
+def deferred_reads(monkeypatch) -> None:
+    """train() on a CPU runtime that reads each step's report a step later, as CUDA does."""
+    import mambaout.trainer as trainer
+    from mambaout.runtime import TorchRuntime
+
+    real = trainer.runtime_from_config
+
+    def deferring(cfg):
+        runtime = real(cfg)
+        assert isinstance(runtime, TorchRuntime)
+        runtime.defer_reads = True
+        return runtime
+    monkeypatch.setattr(trainer, "runtime_from_config", deferring)
+
+
+def differs(a: dict, b: dict) -> bool:
+    return any(not torch.equal(a[key], b[key]) for key in a)
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["read-now", "read-a-step-later"])
+def test_a_skipped_step_leaves_weights_optimizer_and_ema_exactly_as_they_were(image_root, tmp_path, monkeypatch,
+                                                                            defer):
+    """A NaN loss at step 4 with train.skip_nonfinite=true, a checkpoint every step: the step is skipped on the
+    device (fused AdamW's found_inf, the EMA's weight 0), so step 4's checkpoint equals step 3's in every tensor
+    (weights, Adam's moments and step counts, EMA); steps 3 and 5 train; metrics.csv counts the skip, and its
+    epoch loss is the mean of the steps taken."""
+    if defer:
+        deferred_reads(monkeypatch)
+    faults.inject(monkeypatch, Fault("nan-loss", steps=(4,), accum_steps=2))
+    out = tmp_path / "run"
+    outcome = train(load_config(None, tiny_overrides(image_root, out, **EVERY_STEP, **{"train.skip_nonfinite": True})))
+    assert outcome.step == 6
+    saved = checkpoints(out)
+    assert [saved[step]["train_state"]["nonfinite_skips"] for step in (3, 4, 5)] == [0, 1, 1]
+    for part in ("model", "optimizer", "state_dict_ema"):
+        assert_identical(saved[3][part], saved[4][part], part)
+    for step in (3, 5):  # the neighbours moved the weights and the EMA
+        assert differs(saved[step - 1]["model"], saved[step]["model"])
+        assert differs(saved[step - 1]["state_dict_ema"], saved[step]["state_dict_ema"])
+    [epoch] = read_csv(out / "metrics.csv")  # steps 1-6
+    assert epoch["nonfinite_skips"] == "1" and math.isfinite(float(epoch["train_loss"]))
+
+
+def hold_what_train_builds(monkeypatch) -> dict:
+    """The model, optimizer and EMA that train() builds, kept for the test to look at after it ends."""
+    import mambaout.trainer as trainer
+
+    held = {}
+
+    def keeping(name, attribute):
+        builder = getattr(trainer, attribute)
+
+        def build(*args, **kwargs):
+            held[name] = builder(*args, **kwargs)
+            return held[name]
+        monkeypatch.setattr(trainer, attribute, build)
+
+    keeping("model", "create_model")
+    keeping("optimizer", "create_optimizer")
+    keeping("ema", "build_ema")
+    return held
+
+
+@pytest.mark.parametrize("kind", ["nan-loss", "inf-gradient"])
+def test_a_nonfinite_step_stops_the_run_before_it_reaches_the_weights(image_root, tmp_path, monkeypatch, kind):
+    """Step 5 poisoned (a NaN loss; an infinite gradient under a finite loss), a checkpoint every step: the run
+    stops naming step 5, its micro-batch losses, the gradient norm and the last good checkpoint (step 4's); the
+    weights, optimizer state and EMA that it holds when it stops are step 4's, bit for bit; nothing is written
+    after step 4."""
+    faults.inject(monkeypatch, Fault(kind, steps=(5,), accum_steps=2))
+    held = hold_what_train_builds(monkeypatch)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError) as stopped:
+        train(load_config(None, tiny_overrides(image_root, out, **{**EVERY_STEP, "train.max_steps": 8})))
+    losses, norm = (r"\[nan, nan\]", "nan") if kind == "nan-loss" else (r"\[\d+\.\d+, \d+\.\d+\]", "inf")
+    assert re.fullmatch(rf"non-finite training values at optimizer step 5: micro-batch losses {losses}, gradient "
+                        rf"norm {norm}; .*\. Last good checkpoint: {re.escape(str(out / 'last.pth'))}",
+                        str(stopped.value)), str(stopped.value)
+    assert sorted(checkpoints(out)) == [1, 2, 3, 4]
+    last = load_training_checkpoint(out / "last.pth")
+    assert last["train_state"]["step"] == 4
+    assert_identical(held["model"].state_dict(), last["model"], "model")
+    assert_identical(held["optimizer"].state_dict(), last["optimizer"], "optimizer")
+    assert_identical(held["ema"].module.state_dict(), last["state_dict_ema"], "EMA")
+
+
+def test_train_py_exits_3_naming_the_step_its_true_losses_and_the_last_good_checkpoint(image_root, uninterrupted,
+                                                                                       tmp_path):
+    """train.py with an infinite gradient under a finite loss at step 5: status 3 and an error naming step 5,
+    its two micro-batch losses (their mean is the uninterrupted run's step-5 loss: the step's true losses), the
+    infinite gradient norm and the last good checkpoint, step 4's."""
+    out = tmp_path / "run"
+    status, output = run_job(command(image_root, out, "python"), tmp_path / "job.log",
+                             **faults.env(Fault("inf-gradient", steps=(5,), accum_steps=2)))
+    assert status == NONFINITE_EXIT_CODE, output[-4000:]
+    error = re.search(r"train\.py: error: non-finite training values at optimizer step 5: micro-batch losses "
+                      r"\[(\S+), (\S+)\], gradient norm inf; .*\. Last good checkpoint: (\S+)\n", output)
+    assert error, output[-4000:]
+    true_loss = float(read_csv(uninterrupted("python") / "steps.csv")[4]["loss"])
+    assert (float(error[1]) + float(error[2])) / 2 == pytest.approx(true_loss, abs=1e-6)
+    assert error[3] == str(out / "last.pth") and load_training_checkpoint(error[3])["train_state"]["step"] == 4
+
+
+def test_reading_a_step_later_changes_nothing_and_still_stops_at_the_failing_step(image_root, tmp_path, monkeypatch):
+    """CUDA's deferred host reads, run on CPU: the same weights and log rows as reading at once, and a NaN stops
+    the run naming its own step, with no checkpoint written after it."""
+    overrides = {**RUN, "data.num_workers": 0, "train.max_steps": 6, "train.ema": False}
+    now = train(load_config(None, tiny_overrides(image_root, tmp_path / "now", **overrides)))
+    deferred_reads(monkeypatch)
+    later = train(load_config(None, tiny_overrides(image_root, tmp_path / "later", **overrides)))
+    assert now.step == later.step == 6 and now.final_eval == later.final_eval
+    a, b = (load_training_checkpoint(tmp_path / name / "last.pth") for name in ("now", "later"))
+    assert all(torch.equal(x, y) for x, y in zip(a["model"].values(), b["model"].values()))
+    assert a["train_state"] == b["train_state"]
+    rows = [[row.split(",")[:5] for row in (tmp_path / name / "steps.csv").read_text().splitlines()]
+            for name in ("now", "later")]
+    assert rows[0] == rows[1] and len(rows[0]) == 7  # header + 6 steps, img/s aside
+
+    faults.inject(monkeypatch, Fault("nan-loss", steps=(5,), accum_steps=2))
+    with pytest.raises(NonFiniteLossError, match=r"step 5: micro-batch losses \[nan, nan\]"):
+        train(load_config(None, tiny_overrides(image_root, tmp_path / "nan", **overrides)))
+    assert load_training_checkpoint(tmp_path / "nan" / "last.pth")["train_state"]["step"] == 4
+
+
+# --- writing checkpoints -----------------------------------------------------------------------------------------
+
+def test_a_disk_that_refuses_a_checkpoint_stops_the_run_and_keeps_the_previous_one(image_root, tmp_path):
+    """train.py continuing a run under a file-size limit below a checkpoint's size (RLIMIT_FSIZE, SIGXFSZ ignored:
+    the kernel refuses the write as a full disk would): torch.save fails mid-write, the run stops with status 2 and
+    a message that says the disk refused the write, the previous checkpoint (step 2's) is intact, and no temporary
+    file is left."""
+    out = tmp_path / "run"
+    settings = {**RUN, "data.num_workers": 0}
+    train(load_config(None, tiny_overrides(image_root, out, **{**settings, "train.max_steps": 2})))
+    previous = (out / "last.pth").read_bytes()
+    limit = len(previous) // 2
+
+    def under_a_file_size_limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    job = Job(train_command(1, tiny_overrides(image_root, out, **{**settings, "train.max_steps": 4})),
+              tmp_path / "job.log", preexec_fn=under_a_file_size_limit)
+    try:
+        status = job.wait()
+    finally:
+        job.close()
+    assert status == 2, job.output[-4000:]
+    target = out / "checkpoints" / "step_00000004.pth"
+    refused = (rf"train\.py: error: could not write checkpoint {re.escape(str(target))}: the disk refused the write "
+               r"\(File too large\)\. The previous checkpoint is intact")
+    assert re.search(refused, job.output), job.output[-4000:]
+    assert (out / "last.pth").read_bytes() == previous
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002.pth"]
+    assert [p.name for p in out.rglob("*tmp*")] == []
 
 
 KILL_DURING_WRITE = """
@@ -161,67 +349,11 @@ def test_kill_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     assert not (tmp_path / "checkpoints" / "step_00000002.pth").exists()
 
 
-def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    folder = CheckpointFolder(tmp_path)
-    folder.save({"train_state": {"step": 1}, "model": {}}, step=1)
-
-    def no_space(obj, f):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(checkpoint.torch, "save", no_space)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint is intact"):
-        folder.save({"train_state": {"step": 2}, "model": {}}, step=2)
-    monkeypatch.undo()
-    assert folder.load_latest()["train_state"]["step"] == 1
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pth"]  # no debris
-
-
-class NanAtCall:
-    """A criterion that returns NaN from its ``at``-th call on, up to its ``until``-th if given (an injected
-    fault)."""
-
-    def __init__(self, criterion, at: int, until: int | None = None) -> None:
-        self.criterion, self.at, self.until, self.calls = criterion, at, until, 0
-
-    def __call__(self, logits, targets):
-        self.calls += 1
-        loss = self.criterion(logits, targets)
-        poisoned = self.calls >= self.at and (self.until is None or self.calls <= self.until)
-        return loss * float("nan") if poisoned else loss
-
-
-def inject_nan(monkeypatch, at: int, until: int | None = None) -> None:
-    import mambaout.trainer as trainer
-
-    real = trainer.create_criterion
-    monkeypatch.setattr(trainer, "create_criterion", lambda *a: NanAtCall(real(*a), at, until))
-
-
-def test_injected_nan_stops_with_the_step_and_an_unpoisoned_checkpoint(image_root, tmp_path, monkeypatch):
-    inject_nan(monkeypatch, at=9)  # micro-batch 9 = the first of optimizer step 5 (2 micro-batches a step)
-    out = tmp_path / "nan"
-    with pytest.raises(NonFiniteLossError, match=r"step 5: micro-batch losses \[nan, nan\].*Last good "
-                                                  r"checkpoint: .*last.pth"):
-        train(load_config(None, tiny_overrides(image_root, out, **RUN)))
-    saved = load_training_checkpoint(out / "last.pth")
-    assert saved["train_state"]["step"] == 4
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
-
-
-def test_skip_nonfinite_skips_and_counts(image_root, tmp_path, monkeypatch):
-    inject_nan(monkeypatch, at=15)  # steps 8 onwards
-    out = tmp_path / "skip"
-    outcome = train(load_config(None, tiny_overrides(image_root, out, **RUN, **{"train.skip_nonfinite": True})))
-    saved = load_training_checkpoint(out / "last.pth")
-    assert outcome.step == 8 and saved["train_state"]["nonfinite_skips"] == 1
-    assert all(torch.isfinite(t).all() for t in saved["model"].values())
-
+# --- what may change on a resume ---------------------------------------------------------------------------------
 
 def test_resume_refuses_a_breaking_change_and_allows_a_harmless_one(image_root, uninterrupted, tmp_path):
-    import shutil
-
     out = tmp_path / "copy"
-    shutil.copytree(uninterrupted, out)
+    shutil.copytree(uninterrupted(), out, copy_function=os.link)  # every write to a run folder replaces files
     with pytest.raises(ResumeError, match=r"model.drop_path_rate: 0.1 -> 0.2"):
         train(load_config(None, tiny_overrides(image_root, out, **{**RUN, "model.drop_path_rate": 0.2})))
     outcome = train(load_config(None, tiny_overrides(image_root, out, **{**RUN, "train.log_interval": 5})))
@@ -249,7 +381,7 @@ def test_preemption_on_an_epochs_last_step_still_evaluates_that_epoch(image_root
     assert (out / "metrics.csv").read_text().count("\n") == 2  # header + the epoch-0 row
     monkeypatch.undo()
     assert train(load_config(None, overrides)).step == 8
-    assert _without_timing(out / "metrics.csv") == _without_timing(uninterrupted / "metrics.csv")
+    assert without_timing(out / "metrics.csv") == without_timing(uninterrupted() / "metrics.csv")
 
 
 def test_resume_from_a_path_refuses_to_write_into_another_run(image_root, uninterrupted, tmp_path):
@@ -258,69 +390,4 @@ def test_resume_from_a_path_refuses_to_write_into_another_run(image_root, uninte
     (other / "notes.txt").write_text("someone else's run")
     with pytest.raises(ResumeError, match="already holds another run"):
         train(load_config(None, tiny_overrides(image_root, other, **RUN)),
-              resume=str(uninterrupted / "checkpoints" / "step_00000008.pth"))
-
-
-def deferred_reads(monkeypatch) -> None:
-    """train() on a CPU runtime that reads each step's report a step later, as CUDA does."""
-    import mambaout.trainer as trainer
-    from mambaout.runtime import TorchRuntime
-
-    real = trainer.runtime_from_config
-
-    def deferring(cfg):
-        runtime = real(cfg)
-        assert isinstance(runtime, TorchRuntime)
-        runtime.defer_reads = True
-        return runtime
-    monkeypatch.setattr(trainer, "runtime_from_config", deferring)
-
-
-SKIP_RUN = {**RUN, "data.num_workers": 0, "train.max_steps": 6, "train.checkpoint_every_steps": 1,
-            "train.keep_checkpoints": 10, "train.skip_nonfinite": True, "train.ema": True}
-
-
-@pytest.mark.parametrize("defer", [False, True], ids=["read-now", "read-a-step-later"])
-def test_a_skipped_step_leaves_weights_optimizer_and_ema_exactly_as_they_were(image_root, tmp_path, monkeypatch,
-                                                                            defer):
-    """The non-finite step 4 is skipped on the device (fused AdamW's found_inf, the EMA's weight 0): its
-    checkpoint equals step 3's in every tensor, Adam's step counts included; the steps around it train."""
-    if defer:
-        deferred_reads(monkeypatch)
-    inject_nan(monkeypatch, at=7, until=8)  # the two micro-batches of optimizer step 4
-    out = tmp_path / "run"
-    outcome = train(load_config(None, tiny_overrides(image_root, out, **SKIP_RUN)))
-    assert outcome.step == 6
-    saved = {step: load_training_checkpoint(out / "checkpoints" / f"step_{step:08d}.pth") for step in (2, 3, 4, 5)}
-    assert saved[4]["train_state"]["nonfinite_skips"] == 1 and saved[3]["train_state"]["nonfinite_skips"] == 0
-
-    def tensors(payload):
-        state = payload["optimizer"]["state"]
-        return ([*payload["model"].values()], [*payload["state_dict_ema"].values()],
-                [value for key in sorted(state) for value in state[key].values()])
-    for before, after in zip(tensors(saved[3]), tensors(saved[4])):
-        assert len(before) == len(after) > 0 and all(torch.equal(a, b) for a, b in zip(before, after))
-    for step in (3, 5):  # the neighbours moved the weights and the EMA
-        for before, after in zip(tensors(saved[step - 1]), tensors(saved[step])):
-            assert not all(torch.equal(a, b) for a, b in zip(before, after))
-
-
-def test_reading_a_step_later_changes_nothing_and_still_stops_at_the_failing_step(image_root, tmp_path, monkeypatch):
-    """CUDA's deferred host reads, run on CPU: the same weights and log rows as reading at once, and a NaN stops
-    the run naming its own step, with no checkpoint written after it."""
-    overrides = {**RUN, "data.num_workers": 0, "train.max_steps": 6}
-    now = train(load_config(None, tiny_overrides(image_root, tmp_path / "now", **overrides)))
-    deferred_reads(monkeypatch)
-    later = train(load_config(None, tiny_overrides(image_root, tmp_path / "later", **overrides)))
-    assert now.step == later.step == 6 and now.final_eval == later.final_eval
-    a, b = (load_training_checkpoint(tmp_path / name / "last.pth") for name in ("now", "later"))
-    assert all(torch.equal(x, y) for x, y in zip(a["model"].values(), b["model"].values()))
-    assert a["train_state"] == b["train_state"]
-    rows = [[row.split(",")[:5] for row in (tmp_path / name / "steps.csv").read_text().splitlines()]
-            for name in ("now", "later")]
-    assert rows[0] == rows[1] and len(rows[0]) == 7  # header + 6 steps, img/s aside
-
-    inject_nan(monkeypatch, at=9)  # optimizer step 5
-    with pytest.raises(NonFiniteLossError, match=r"step 5: micro-batch losses \[nan, nan\]"):
-        train(load_config(None, tiny_overrides(image_root, tmp_path / "nan", **overrides)))
-    assert load_training_checkpoint(tmp_path / "nan" / "last.pth")["train_state"]["step"] == 4
+              resume=str(uninterrupted() / "checkpoints" / "step_00000008.pth"))
