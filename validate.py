@@ -5,8 +5,9 @@
     python validate.py --config configs/mambaout_small.yaml --checkpoint runs/mambaout_small/best.pth
     torchrun --nproc_per_node=8 validate.py --config configs/mambaout_small.yaml --checkpoint best.pth
 
-Without --config, preprocessing follows the model's pretrained config (size, crop, interpolation, mean/std);
-with it, the config's eval section. The flags below and KEY=VALUE overrides change either.
+Without --config, preprocessing follows the weights' pretrained config (size, crop, interpolation, mean/std): an
+export folder's (scripts/export.py; it also names the model), else the model's; with --config, the config's eval
+section. The flags below and KEY=VALUE overrides change either.
 """
 import argparse
 import json
@@ -14,6 +15,7 @@ import logging
 
 from mambaout.cli import run_cli
 from mambaout.config import Config, add_config_args, config_from_args
+from mambaout.inference import is_export_folder, read_export_config
 from mambaout.validation import ValidationError, ValidationRequest, pretrained_overrides, release_checkpoint, validate
 
 # flag -> config key: the flags are shorthands for keys of the one schema
@@ -28,7 +30,8 @@ FLAG_KEYS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", help="weights: a release file, a timm/hub file or a training checkpoint")
+    weights.add_argument("--checkpoint", help="weights: a release file, a timm/hub file or folder (an export), or a "
+                         "training checkpoint")
     weights.add_argument("--pretrained", action="store_true",
                          help="download the released weights of the model once (needs a network connection)")
     parser.add_argument("--model", help="architecture (model.name)")
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     parser = build_parser()
     add_config_args(parser)
     args = parser.parse_args(argv)
+    if args.model is None and args.checkpoint and is_export_folder(args.checkpoint):
+        args.model = read_export_config(args.checkpoint)["architecture"]
     if args.config is None and args.model is None and not args.help_config:
         parser.error("give --model NAME (with --checkpoint or --pretrained), or --config FILE")
     overrides = [f"{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAG_KEYS.items()
@@ -63,7 +68,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Config]:
     if args.use_ema:
         overrides.append("eval.use_ema=true")
     if args.config is None and not args.help_config:
-        overrides = pretrained_overrides(args.model) + overrides
+        overrides = pretrained_overrides(args.model, args.checkpoint) + overrides
     cfg = config_from_args(parser, args, overrides)
     if not (args.checkpoint or args.pretrained):
         parser.error("give --checkpoint PATH or --pretrained")

@@ -1,7 +1,9 @@
 """What the command lines share: user mistakes end in one readable line, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import Callable
 
 from .checkpoint import CheckpointError
@@ -21,4 +23,18 @@ def run_cli(main: Callable[[], int], program: str, extra_errors: tuple[type[Base
         sys.exit(main())
     except USER_ERRORS + extra_errors as error:
         print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+@contextlib.contextmanager
+def requires_extra(extra: str, program: str) -> Iterator[None]:
+    """Imports inside it that fail for a missing third-party package end in one line naming the extra to install
+    (``pip install -e '.[demo]'``), status 2."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] == "mambaout":
+            raise
+        print(f"{program}: error: this needs {error.name.split('.')[0]}, which is not installed: "
+              f"pip install -e '.[{extra}]'", file=sys.stderr)
         sys.exit(2)

@@ -22,7 +22,9 @@ from .config import Config, eval_img_size
 from .data import EvalBatchSampler, build_dataset
 from .data.pipeline import build_pipeline
 from .engine import evaluate
-from .models import MambaOut, create_model
+from .inference import (Preprocessing, classifier_outputs, is_export_folder, pretrained_preprocessing,
+                        read_checkpoint_info, read_export_config)
+from .models import create_model
 from .models.info import count_macs
 from .models.published import PUBLISHED
 from .runtime import Runtime, runtime_from_config
@@ -100,15 +102,15 @@ def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
 
 # --- what to evaluate ------------------------------------------------------------------------------------------
 
-def pretrained_overrides(model_name: str) -> list[str]:
-    """Config overrides that evaluate like the model's pretrained config (size, crop, filter, mean/std)."""
-    with torch.device("meta"):
-        pretrained = getattr(_create(model_name), "pretrained_cfg", None) or {}
-    keys = {"eval.img_size": pretrained.get("input_size", (3, None, None))[-1],
-            "eval.crop_pct": pretrained.get("crop_pct"), "eval.interpolation": pretrained.get("interpolation"),
-            "data.mean": pretrained.get("mean"), "data.std": pretrained.get("std")}
-    return [f"{key}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for key, v in keys.items()
-            if v is not None]
+def pretrained_overrides(model_name: str, checkpoint_path: str | None = None) -> list[str]:
+    """Config overrides that evaluate like the weights' pretrained config (size, crop, filter, mean/std): an
+    export folder's own, else the model's."""
+    if checkpoint_path is not None and is_export_folder(checkpoint_path):
+        return Preprocessing.from_pretrained_cfg(read_export_config(checkpoint_path)["pretrained_cfg"]).overrides()
+    try:
+        return pretrained_preprocessing(model_name).overrides()
+    except ValueError as error:  # unknown name: the message lists the closest ones
+        raise ValidationError(str(error)) from None
 
 
 def release_checkpoint(model_name: str) -> str:
@@ -131,15 +133,10 @@ def release_checkpoint(model_name: str) -> str:
 
 
 def read_checkpoint(path: str, use_ema: bool) -> tuple[dict, list[str] | None]:
-    """The weights and, for a checkpoint of this project, the class list it was trained on: saved in the
-    training checkpoint, or ``classes.json`` of the run folder beside it."""
-    content = checkpoint.read_file(path)
-    weights = checkpoint.unwrap_state_dict(content, use_ema=use_ema, source=path)
-    classes = content.get("classes") if isinstance(content, dict) else None
-    run_classes = Path(path).parent / "classes.json"
-    if classes is None and run_classes.is_file():
-        classes = json.loads(run_classes.read_text())
-    return weights, classes
+    """The weights and, where the checkpoint says it, the class list they were trained on (a training checkpoint,
+    the ``classes.json`` of the run folder beside it, an export folder's label names)."""
+    info = read_checkpoint_info(path, use_ema)
+    return info.weights, info.labels
 
 
 def build_eval_dataset(cfg: Config, reader, classes: list[str] | None = None):
@@ -161,20 +158,12 @@ def build_eval_dataset(cfg: Config, reader, classes: list[str] | None = None):
 def build_model(name: str, weights: dict, dataset, source: str) -> nn.Module:
     """``name`` with ``weights``, whose classifier must predict the dataset's classes."""
     model = _create(name, num_classes=dataset.num_classes)
-    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
-    if classifier:
-        named = checkpoint.to_timm_layout(weights) if isinstance(model, MambaOut) else weights
-        saved = named.get(f"{classifier}.weight")
-        if saved is None:
-            raise checkpoint.CheckpointError(
-                f"{source}: has no classifier ({classifier}.weight), so it cannot be evaluated: pass the full "
-                f"weights of a {name} classifier, not a backbone or feature-extractor file")
-        if saved.shape[0] != dataset.num_classes:
-            raise ValidationError(
-                f"{source}: the model predicts {saved.shape[0]} classes but the dataset '{dataset.root}' has "
-                f"{dataset.num_classes}. Evaluate on the dataset it was trained on (ImageNet synset folders map "
-                "to the 1000 classes), or pass a checkpoint of this project, which records its class list.")
+    outputs = classifier_outputs(model, weights, source)
+    if outputs != dataset.num_classes:
+        raise ValidationError(
+            f"{source}: the model predicts {outputs} classes but the dataset '{dataset.root}' has "
+            f"{dataset.num_classes}. Evaluate on the dataset it was trained on (ImageNet synset folders map "
+            "to the 1000 classes), or pass a checkpoint of this project, which records its class list.")
     checkpoint.load_weights(model, weights, source=source)
     return model
 

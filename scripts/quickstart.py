@@ -38,6 +38,7 @@ def main() -> int:
     top1 = json.loads((REPO / output / "validation.json").read_text())["top1"]
     print(f"quickstart done in {time.perf_counter() - start:.0f} s: validation top-1 {top1:.2f}% "
           f"(run folder: {output})")
+    print(f"see it: python scripts/demo.py --checkpoint {output}/best.pth   (its curves: {output}/curves.png)")
     return 0
 
 

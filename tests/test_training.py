@@ -15,7 +15,7 @@ from conftest import tiny_overrides
 from mambaout.checkpoint import load_training_checkpoint
 from mambaout.config import ConfigError, load_config, to_yaml
 from mambaout.optim import LrSchedule, create_optimizer
-from mambaout.tracking import RunFolderError
+from mambaout.tracking import CURVES_ENV, RunFolderError
 from mambaout.trainer import train
 
 
@@ -102,11 +102,12 @@ def test_worker_count_does_not_change_the_run(image_root, tmp_path):
         assert torch.equal(value, workers["model"][key]), key
 
 
-def test_run_folder_records_everything(image_root, tmp_path):
+def test_run_folder_records_everything(image_root, tmp_path, monkeypatch):
+    monkeypatch.delenv(CURVES_ENV, raising=False)  # the suite goes without curves.png (conftest), this run draws it
     out = tmp_path / "run"
     result, state = run(image_root, out, **{"train.max_steps": 7})  # 6 steps per epoch: one epoch and a bit
     assert {"config.yaml", "manifest.json", "classes.json", "metrics.csv", "steps.csv", "last.pth",
-            "best.pth", "checkpoints"} <= {p.name for p in out.iterdir()}
+            "best.pth", "checkpoints", "curves.png"} <= {p.name for p in out.iterdir()}
     assert any((out / "tensorboard").iterdir())
 
     config = yaml.safe_load((out / "config.yaml").read_text())
@@ -153,6 +154,8 @@ def test_corrupt_training_image_is_skipped_and_counted(image_root, tmp_path):
     victim.write_bytes(b"not an image at all")
     _, state = run(root, tmp_path / "run", **{"train.max_steps": 6})  # one whole epoch: every image seen
     assert state["train_state"]["bad_images"] == 1
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert [row["bad_images"] for row in csv.DictReader(f)] == ["1"]  # over all processes: test_distributed.py
 
 
 def test_ema_is_evaluated_and_checkpointed(image_root, tmp_path):
