@@ -8,8 +8,8 @@ by the same recipe on the same data, then one table.
 The quickstart's digits are made first when the configs use them (data/digits); KEY=VALUE overrides apply to
 every run (data.root=DIR for your data, sched.epochs=..., runtime.device=cuda). Each run is train.py in its own
 process (its own run folder under --out, resumable as any run); the table gives params, GMACs at the training
-resolution, training img/s of the last epoch and peak memory (metrics.csv: the evaluation excluded from the rate;
-resident memory on CPU, the allocator's peak on a GPU/TPU) and the best top-1.
+resolution, training img/s (metrics.csv, the evaluation excluded: the median over epochs, so that one slowed epoch
+does not decide it), peak memory (resident memory on CPU, the allocator's peak on a GPU/TPU) and the best top-1.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -48,7 +49,8 @@ def row(config: str, output_dir: Path, overrides: list[str]) -> dict:
         model = create_model(cfg.model.name, num_classes=classes)
     return {"model": cfg.model.name, "img_size": cfg.data.img_size,
             "params": sum(p.numel() for p in model.parameters()),
-            "gmacs": count_macs(model, cfg.data.img_size) / 1e9, "img_per_s": float(epochs[-1]["img_per_s"]),
+            "gmacs": count_macs(model, cfg.data.img_size) / 1e9,
+            "img_per_s": statistics.median(float(epoch["img_per_s"]) for epoch in epochs),
             "peak_mib": max(float(epoch["peak_memory_mib"] or "nan") for epoch in epochs),
             "top1": max(float(epoch["top1"]) for epoch in epochs)}
 
