@@ -22,8 +22,9 @@ for arg in "$@"; do
 done
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-# pytest alone for the XLA suite: dev's demo, plot and fine-tuning packages serve test files that skip here
-"$VENV/bin/python" -m pip install -q -e ".[xla]" "pytest>=8"
+# what the XLA suite needs (pytest; scikit-learn's photos for the augmentation check), not dev's demo, plot and
+# fine-tuning packages: their test files skip here
+"$VENV/bin/python" -m pip install -q -e ".[xla]" "pytest>=8" "scikit-learn>=1.3"
 if [ -n "$tpu" ]; then
   version=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("torch_xla"))')
   "$VENV/bin/python" -m pip install -q "torch_xla[tpu]==$version"
