@@ -238,16 +238,22 @@ def update_ema(ema, model: nn.Module, step: int, applied: torch.Tensor) -> None:
 
 
 class _IntervalClock:
-    """Throughput between two log rows, measured when the rows are written."""
+    """Throughput since the clock started or its last reading, over the steps it has counted: a log row's interval
+    may have begun in the previous epoch (its losses carry over), but this clock only saw the steps since it
+    started."""
 
     def __init__(self, images_per_step: int) -> None:
         self.images_per_step = images_per_step
         self.tick = time.perf_counter()
+        self.steps = 0
 
-    def img_per_s(self, steps: int) -> float:
+    def count_step(self) -> None:
+        self.steps += 1
+
+    def img_per_s(self) -> float:
         now = time.perf_counter()
-        rate = self.images_per_step * steps / max(now - self.tick, 1e-9)
-        self.tick = now
+        rate = self.images_per_step * self.steps / max(now - self.tick, 1e-9)
+        self.tick, self.steps = now, 0
         return rate
 
 
@@ -287,6 +293,7 @@ class _StepReporter:
                 skipped: bool = False) -> None:
         state = self.state
         state.bad_images += int(bad_images)
+        self.clock.count_step()
         state.interval_losses.append(loss)  # steps.csv shows a skipped step's loss as it was
         if not skipped:  # the epoch's mean is over the steps taken (one NaN would make it NaN)
             state.epoch_loss_sum += loss
@@ -294,7 +301,7 @@ class _StepReporter:
         if step % self.log_interval == 0 or step == self.max_steps:
             losses = state.interval_losses
             self.on_log(StepLog(step=step, epoch=state.epoch, lr=lr, loss=sum(losses) / len(losses),
-                                grad_norm=grad_norm, img_per_s=self.clock.img_per_s(len(losses))))
+                                grad_norm=grad_norm, img_per_s=self.clock.img_per_s()))
             state.interval_losses = []
 
 

@@ -252,3 +252,20 @@ def test_compiled_training_matches_eager_and_resumes_bit_exactly(image_root, tmp
     assert resumed_result == compiled_result
     for key in compiled["model"]:
         assert torch.equal(resumed["model"][key], compiled["model"][key]), key
+
+
+def test_a_log_row_that_spans_an_epoch_end_reports_the_rate_of_the_steps_it_timed(monkeypatch):
+    """A log interval's losses carry over an epoch end, but the new epoch's clock starts with it: the row's img/s
+    is the images of the steps since then over the time since then (it was 4x too high, counting the carried
+    steps over one step's time)."""
+    from mambaout import engine
+
+    now = iter([100.0, 102.0])  # the epoch's clock starts; the row is written 2 s later
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(now))
+    state = engine.TrainState(step=3, interval_losses=[1.0, 1.0, 1.0])  # steps 1-3, in the previous epoch
+    rows = []
+    reporter = engine._StepReporter(state, skip_nonfinite=False, log_interval=4, max_steps=None,
+                                    on_log=rows.append, images_per_step=64)
+    reporter.for_step(4, 0.1, None)([0.0, 0.0, 2.0, 1.0, 0.0])
+    assert rows[0].step == 4 and rows[0].loss == 1.25  # the interval's 4 losses
+    assert rows[0].img_per_s == 64 / 2.0  # one step timed, over its 2 s
