@@ -6,7 +6,7 @@
 `--print-config` shows the resolved config with the derived values (lr, accumulation, epochs);
 `--help-config` lists every key with its default and meaning. Rerunning the same command continues the run
 from its newest checkpoint. Exit status: 0 done, 2 bad input or a run folder in use by another job, 3 non-finite
-loss, 75 preempted (rerun to go on).
+loss, 4 the data's storage stayed unreachable (rerun to resume), 75 preempted (rerun to go on).
 """
 import argparse
 

@@ -20,7 +20,7 @@ from mambaout.validation import ValidationError, ValidationRequest, pretrained_o
 
 # flag -> config key: the flags are shorthands for keys of the one schema
 FLAG_KEYS = {
-    "model": "model.name", "data": "data.root", "split": "data.val_split", "img_size": "eval.img_size",
+    "model": "model.name", "data": "data.root", "format": "data.format", "split": "data.val_split", "img_size": "eval.img_size",
     "crop_pct": "eval.crop_pct", "interpolation": "eval.interpolation", "mean": "data.mean", "std": "data.std",
     "batch_size": "eval.batch_size", "workers": "data.num_workers", "device": "runtime.device",
     "precision": "train.precision",
@@ -35,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--pretrained", action="store_true",
                          help="download the released weights of the model once (needs a network connection)")
     parser.add_argument("--model", help="architecture (model.name)")
-    parser.add_argument("--data", help="dataset folder holding the split, or the split folder itself (data.root)")
-    parser.add_argument("--split", help="sub-folder to evaluate (data.val_split, default val)")
+    parser.add_argument("--data", help="dataset folder holding the split, or the split folder itself; for shards a "
+                        "local path or URL (data.root)")
+    parser.add_argument("--format", help="folder, wds or parquet (data.format, default folder)")
+    parser.add_argument("--split", help="sub-folder or shard split to evaluate (data.val_split, default val)")
     parser.add_argument("--img-size", type=int, help="evaluation resolution (eval.img_size)")
     parser.add_argument("--crop-pct", type=float, help="center-crop fraction (eval.crop_pct)")
     parser.add_argument("--interpolation", help="resize filter (eval.interpolation)")

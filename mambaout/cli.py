@@ -9,12 +9,15 @@ from typing import Callable
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .data import DatasetFormatError, DatasetNotFoundError
+from .data.sources import DataSourceError, ShardUnreachableError
 from .runtime import DistributedRuntimeError
 from .tracking import RunFolderError
 
 # Errors whose message already says what is wrong and how to fix it.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, ConfigError, DatasetFormatError, DatasetNotFoundError, DistributedRuntimeError, RunFolderError)
+    CheckpointError, ConfigError, DataSourceError, DatasetFormatError, DatasetNotFoundError, DistributedRuntimeError,
+    RunFolderError)
+STORAGE_UNREACHABLE_EXIT_CODE = 4  # the data's storage stayed unreachable: rerun to resume once it answers
 
 
 def run_cli(main: Callable[[], int], program: str, extra_errors: tuple[type[BaseException], ...] = ()) -> None:
@@ -22,8 +25,18 @@ def run_cli(main: Callable[[], int], program: str, extra_errors: tuple[type[Base
     try:
         sys.exit(main())
     except USER_ERRORS + extra_errors as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{program}: error: {user_message(error)}", file=sys.stderr)
+        sys.exit(STORAGE_UNREACHABLE_EXIT_CODE if isinstance(error, ShardUnreachableError) else 2)
+
+
+def user_message(error: BaseException) -> str:
+    """The error's own message; raised in a DataLoader worker, torch re-raises it with the worker's traceback in
+    the message, whose last line is the original ``module.Error: message``."""
+    text = str(error)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 @contextlib.contextmanager

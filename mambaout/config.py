@@ -68,11 +68,38 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """Where the images come from and how they are normalised."""
-    root: str | None = _key(None, "Dataset folder holding the train and val splits; unused by 'synthetic'.")
-    format: Literal["folder", "synthetic"] = _key(
-        "folder", "'folder': class folders of images under root; 'synthetic': generated images (benchmarks, tests).")
-    train_split: str = _key("train", "Sub-folder of root to train on.")
-    val_split: str = _key("val", "Sub-folder of root to evaluate on.")
+    root: str | None = _key(
+        None, "Where the dataset is: the folder holding the train and val splits ('folder'), or for 'wds'/'parquet' "
+        "a local path or any fsspec URL (s3://, gs://, https://, file://; credentials from the usual environment). "
+        "Unused by 'synthetic'.")
+    format: Literal["folder", "wds", "parquet", "synthetic"] = _key(
+        "folder", "'folder': class folders of images under root; 'wds': timm's webdataset layout (tar shards listed "
+        "by _info.json); 'parquet': Hugging Face's layout (image.bytes, label); 'synthetic': generated images "
+        "(benchmarks, tests). docs/DATA.md, 'Shards and object storage'.")
+    train_split: str = _key("train", "Split to train on: a sub-folder of root, or a split of the shards.")
+    val_split: str = _key("val", "Split to evaluate on ('val' also finds a split named 'validation').")
+    shuffle: Literal["global", "window"] = _key(
+        "global", "Sample order per epoch: 'global' = a permutation of all samples; 'window' = shards permuted, "
+        "then samples permuted within windows of data.shuffle_window shards (few large reads per host; shards "
+        "only). Both keyed by (seed, epoch): the same on any number of hosts and workers.")
+    shuffle_window: int = _key(16, "Shards per shuffle window (data.shuffle=window).", POSITIVE)
+    cache_dir: str | None = _key(
+        None, "This host's cache of shard ranges and indexes, shared by its processes; null = "
+        "$XDG_CACHE_HOME/mambaout/data (~/.cache/mambaout/data).")
+    cache_limit_gb: float = _key(
+        50.0, "Most GiB the range cache keeps (oldest ranges deleted first); hold at least two shuffle windows.",
+        POSITIVE)
+    read_ahead_steps: int = _key(
+        4, "Optimizer steps (or shuffle windows) whose reads each host plans and fetches ahead (URL roots).",
+        NON_NEGATIVE)
+    read_threads: int = _key(16, "Threads fetching planned reads per host.", POSITIVE)
+    read_request_mb: float = _key(64.0, "Largest merged range request in MiB.", POSITIVE)
+    read_gap_mb: float = _key(
+        1.0, "Neighbouring ranges of a shard closer than this (MiB) are fetched in one request, gap included.",
+        NON_NEGATIVE)
+    read_retries: int = _key(
+        8, "Tries of a read that fails transiently (timeouts, 5xx, resets; backoff from 0.25 s to 10 s) before the "
+        "run stops at its last checkpoint.", POSITIVE)
     img_size: int = _key(224, "Training crop size in pixels.", POSITIVE)
     pipeline: Literal["auto", "timm", "tensor", "nvjpeg"] = _key(
         "timm", "Input pipeline (docs/DATA.md): 'timm' = timm's PIL transforms in the workers (the bit-exact "

@@ -18,7 +18,7 @@ import gradio as gr
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data.datasets import IMAGE_EXTENSIONS
+from .data.sources.folder import IMAGE_EXTENSIONS
 from .inference import Classifier, Prediction, load_classifier
 from .validation import ValidationError, release_checkpoint
 

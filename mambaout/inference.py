@@ -27,7 +27,7 @@ from torch import nn
 from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, config_from_dict, eval_img_size, load_config
-from .data.datasets import imagenet_synsets
+from .data.sources.folder import imagenet_synsets
 from .data.transforms import build_eval_transform
 from .models import MambaOut, create_model
 

@@ -27,6 +27,7 @@ from .config import (Config, ConfigError, Schema, config_from_dict, derive, diff
                      to_yaml)
 from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, dataset_fingerprint
 from .data.pipeline import Pipeline, build_pipeline
+from .data.sources import DataSourceError, describe_data_change, plan_reads, shuffle_for, source_options
 from .data.sampling import derive_seed, with_drop_draws
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model
@@ -45,7 +46,8 @@ NONFINITE_EXIT_CODE = 3
 # Keys that may change between a run and its resumption without changing what is computed.
 # (train.compile and runtime.device are not: they change float rounding, so the run would not be bit-identical.)
 HARMLESS_ON_RESUME = frozenset({
-    "data.root", "data.num_workers", "train.max_steps", "train.output_dir", "train.log_interval",
+    "data.root", "data.num_workers", "data.cache_dir", "data.cache_limit_gb", "data.read_ahead_steps",
+    "data.read_threads", "data.read_request_mb", "data.read_gap_mb", "data.read_retries", "train.max_steps", "train.output_dir", "train.log_interval",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.skip_nonfinite", "eval.every_epochs",
     "eval.batch_size", "runtime.dist_timeout_s", "runtime.peak_tflops",
 })
@@ -105,7 +107,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             check_resumable(cfg, saved, fingerprint, HARMLESS_ON_RESUME)
         try:  # before the run folder exists: a mistake here leaves nothing behind
             sampler = MicroBatchSampler(len(train_set), cfg.optim.global_batch_size, cfg.train.micro_batch_size,
-                                        runtime.num_shards, runtime.shard_ids, cfg.train.seed)
+                                        runtime.num_shards, runtime.shard_ids, cfg.train.seed,
+                                        shuffle=shuffle_for(cfg.data, train_set))
         except ValueError as error:
             raise ConfigError(f"data.root={cfg.data.root}: {error}") from None
         num_classes = _num_classes(cfg, train_set)
@@ -147,9 +150,11 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                               warmup_lr=cfg.sched.warmup_lr, min_lr=cfg.sched.min_lr,
                               steps_per_epoch=sampler.steps_per_epoch, per_step=cfg.sched.per_step)
         collate = with_drop_draws(pipeline.train.collate, drop_sites) if drop_sites else pipeline.train.collate
-        train_loader = build_loader(train_set, sampler, cfg.data.num_workers, runtime, collate)
-        val_loader = build_loader(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data.num_workers,
-                                  runtime, pipeline.eval.collate)
+        train_batches = plan_reads(train_set, sampler, cfg.data, host_shard_ids=runtime.host_shard_ids,
+                                   plans=runtime.plans_reads)
+        train_loader = build_loader(train_set, train_batches, cfg.data.num_workers, runtime, collate)
+        val_batches = plan_reads(val_set, _eval_sampler(len(val_set), cfg, runtime), cfg.data)
+        val_loader = build_loader(val_set, val_batches, cfg.data.num_workers, runtime, pipeline.eval.collate)
         prepare_train, prepare_eval = pipeline.train.prepare(runtime), pipeline.eval.prepare(runtime)
         record_provenance(run, cfg, derived, runtime, train_set.classes, state, saved,
                           input_pipeline=pipeline.describe(),
@@ -184,7 +189,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             return checkpoint_payload(model, ema, optimizer, runtime, state, cfg, train_set.classes, fingerprint)
 
         preempted = run_epochs(plan, state, sampler, runtime, folder, payload=payload,
-                               on_log=step_logger(run, plan, state, runtime, mfu), train_steps=train_steps,
+                               on_log=step_logger(run, plan, state, runtime, mfu, data_counters(train_set)),
+                               train_steps=train_steps,
                                evaluate_and_log=evaluate_and_log)
         run.close()
         return TrainOutcome(final_eval, state.best_top1, state.step, preempted=preempted)
@@ -275,18 +281,26 @@ def run_epochs(plan: RunPlan, state: TrainState, sampler, runtime: Runtime, fold
 
 
 def step_logger(run: RunFolder, plan: RunPlan, state: TrainState, runtime: Runtime,
-                mfu: Callable[[float], float | None] = lambda img_per_s: None) -> Callable[[StepLog], None]:
-    """A steps.csv/TensorBoard row and a progress line per logged step (``mfu``: img/s -> utilisation)."""
+                mfu: Callable[[float], float | None] = lambda img_per_s: None,
+                counters: Callable[[], dict[str, int]] = dict) -> Callable[[StepLog], None]:
+    """A steps.csv/TensorBoard row and a progress line per logged step (``mfu``: img/s -> utilisation;
+    ``counters``: columns read at logging time, e.g. the data source's retries)."""
     progress = Progress(plan.total_steps, "train", enabled=runtime.is_main, unit="step")
     progress.done = state.step
 
     def on_log(entry: StepLog) -> None:
         utilisation = mfu(entry.img_per_s)
-        run.log_step({**vars(entry), "mfu": utilisation})
+        run.log_step({**vars(entry), "mfu": utilisation, **counters()})
         progress.update(entry.step - progress.done,
                         f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s"
                         + (f" MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
     return on_log
+
+
+def data_counters(dataset) -> Callable[[], dict[str, int]]:
+    """steps.csv's ``read_retries``: transient read faults retried so far by this host (0 for local folders)."""
+    source = getattr(dataset, "source", None)
+    return lambda: {"read_retries": getattr(source, "read_retries", 0)}
 
 
 def _log_epoch(run: RunFolder, state: TrainState, optimizer, result: dict[str, Any], cfg: Config,
@@ -341,7 +355,7 @@ def check_resumable(cfg: Schema, saved: dict[str, Any], fingerprint: dict[str, A
     changes = diff_configs(saved_cfg, cfg)
     breaking = [f"{key}: {old!r} -> {new!r}" for key, old, new in changes if key not in harmless]
     if saved.get("dataset") not in (None, fingerprint):
-        breaking.append(f"training data: {saved['dataset']} -> {fingerprint}")
+        breaking.append(describe_data_change(saved["dataset"], fingerprint))
     if breaking:
         raise ResumeError(
             "cannot resume: the config differs from the checkpoint's in ways that change the run:\n  "
@@ -406,12 +420,13 @@ def announce(runtime: Runtime, derived, cfg: Schema, saved: dict[str, Any] | Non
 
 def _build_datasets(cfg: Config, pipeline: Pipeline):
     data = cfg.data
-    if data.format == "folder" and data.root is None:
-        raise ConfigError("data.root is not set: pass data.root=DIR (a folder holding train/ and val/), or "
-                          "data.format=synthetic for a benchmark")
+    if data.format != "synthetic" and data.root is None:
+        raise ConfigError("data.root is not set: pass data.root=DIR (a folder holding train/ and val/, or for "
+                          "data.format=wds/parquet a path or URL of the shards), or data.format=synthetic for a "
+                          "benchmark")
     train_set = build_dataset(data.root, data.train_split, pipeline.train.reader, train=True, format=data.format,
                               num_samples=data.synthetic_train_size, num_classes=data.synthetic_num_classes,
-                              img_size=data.img_size, seed=cfg.train.seed)
+                              img_size=data.img_size, seed=cfg.train.seed, **source_options(data))
     return train_set, build_eval_dataset(cfg, pipeline.eval.reader, classes=train_set.classes)  # validate.py's
 
 

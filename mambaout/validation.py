@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from . import checkpoint
 from .config import Config, eval_img_size
 from .data import EvalBatchSampler, build_dataset
 from .data.pipeline import build_pipeline
+from .data.sources import plan_reads, source_options
 from .engine import evaluate
 from .inference import (Preprocessing, classifier_outputs, is_export_folder, pretrained_preprocessing,
                         read_checkpoint_info, read_export_config)
@@ -69,7 +69,7 @@ def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
 
         sampler = EvalBatchSampler(len(dataset), cfg.eval.batch_size * len(runtime.shard_ids),
                                    runtime.world_size, runtime.rank, pad_to_full=runtime.fixed_shapes)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        loader = DataLoader(dataset, batch_sampler=plan_reads(dataset, sampler, cfg.data), num_workers=cfg.data.num_workers,
                             collate_fn=stage.collate, pin_memory=runtime.device.type == "cuda")
         progress = Progress(len(dataset), "validate", enabled=runtime.is_main)
         start = time.perf_counter()
@@ -79,7 +79,7 @@ def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
                                                                  len(dataset) - progress.done)),
                           prepare_batch=stage.prepare(runtime))
         seconds = time.perf_counter() - start
-        bad_files = [dataset.samples[i][0] for i in result.bad_indices]
+        bad_files = [dataset.describe(i) for i in result.bad_indices]
         if result.count + len(bad_files) != len(dataset):  # the promise of exact evaluation, checked
             raise RuntimeError(f"evaluated {result.count} + {len(bad_files)} unreadable images of {len(dataset)}")
         if bad_files and not request.skip_bad_images:
@@ -143,16 +143,17 @@ def build_eval_dataset(cfg: Config, reader, classes: list[str] | None = None):
     """The split to evaluate, read by the input pipeline's evaluation ``reader``; ``data.root`` may also be the
     split folder itself (as with timm)."""
     data, split = cfg.data, cfg.data.val_split
+    if data.format != "synthetic" and data.root is None:
+        raise ValidationError("no dataset given: pass --data DIR or URL (or data.root=...)")
     if data.format == "folder":
-        if data.root is None:
-            raise ValidationError("no dataset given: pass --data DIR (or data.root=DIR)")
         root = Path(data.root)
         if root.is_dir() and not (root / split).is_dir() and not (root / data.train_split).is_dir():
             log.info("%s has no '%s' sub-folder: evaluating the folder itself", root, split)
             split = ""
     return build_dataset(data.root, split, reader, train=False, classes=classes,
                          format=data.format, num_samples=data.synthetic_val_size,
-                         num_classes=data.synthetic_num_classes, img_size=eval_img_size(cfg), seed=cfg.train.seed)
+                         num_classes=data.synthetic_num_classes, img_size=eval_img_size(cfg), seed=cfg.train.seed,
+                         **source_options(data))
 
 
 def build_model(name: str, weights: dict, dataset, source: str) -> nn.Module:
@@ -265,7 +266,7 @@ def write_predictions(predictions, dataset, path: str) -> None:
         writer.writerow(["image", "label", *[f"top{i + 1}" for i in range(k)],
                          *[f"prob{i + 1}" for i in range(k)]])
         for index, target, classes, scores in predictions:
-            root = getattr(dataset, "root", None)  # synthetic images have no file: named by index
-            image = os.path.relpath(dataset.samples[index][0], root) if root else str(index)
+            # synthetic images have no file: named by index
+            image = dataset.source.name(index) if hasattr(dataset, "source") else str(index)
             writer.writerow([image, names[target] if target >= 0 else "", *[names[c] for c in classes],
                              *[f"{s:.6f}" for s in scores]])

@@ -92,6 +92,7 @@ def _worker_batches(stage, files: list[str], batch_size: int, epoch: int) -> Non
     """What a DataLoader worker does for these files: read and prepare each sample, collate each batch."""
     from torch.utils.data import default_collate
 
+    from mambaout.data.decode import read_bytes
     from mambaout.data.sampling import derive_seed
 
     collate = stage.collate or default_collate
@@ -99,7 +100,7 @@ def _worker_batches(stage, files: list[str], batch_size: int, epoch: int) -> Non
         items = []
         for index in range(start, min(start + batch_size, len(files))):
             reader = stage.reader
-            item = reader.prepare(reader.load(files[index]), derive_seed(0, "sample", epoch, index))
+            item = reader.prepare(reader.load(read_bytes(files[index])), derive_seed(0, "sample", epoch, index))
             items.append({**item, "target": 0, "index": index, "bad": False})
         collate(items)
 
@@ -144,13 +145,15 @@ def nvjpeg_device_rate(files: list[str], batch_size: int = 128, rounds: int = 5)
     """img/s of the GPU part of ``nvjpeg``: batched decode, crop, resize, augmentation, normalisation."""
     import torch
 
+    from mambaout.data.decode import read_bytes
     from mambaout.data.sampling import derive_seed
     from mambaout.runtime import create_runtime
 
     runtime = create_runtime("cuda")
     stage = _stages(["nvjpeg"])["nvjpeg"]
-    items = [{**stage.reader.prepare(stage.reader.load(files[i % len(files)]), derive_seed(0, "sample", 0, i)),
-              "target": 0, "index": i, "bad": False} for i in range(batch_size)]
+    loaded = [stage.reader.load(read_bytes(files[i % len(files)])) for i in range(batch_size)]
+    items = [{**stage.reader.prepare(loaded[i], derive_seed(0, "sample", 0, i)), "target": 0, "index": i,
+              "bad": False} for i in range(batch_size)]
     stage.finish(stage.collate([dict(item) for item in items]), runtime)  # warm-up
     torch.cuda.synchronize()
     rates = []
@@ -184,7 +187,7 @@ def main() -> int:
         parser.error("give --data DIR (or --make-jpegs DIR first)")
     import torch
 
-    from mambaout.data.datasets import IMAGE_EXTENSIONS
+    from mambaout.data.sources.folder import IMAGE_EXTENSIONS
 
     files = sorted(str(p) for p in args.data.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     files = files[:args.limit] if args.limit else files

@@ -160,7 +160,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-MEASURED_COLUMNS = ("img_per_s", "mfu", "epoch_seconds", "peak_memory_mib")  # of the machine, not of the run
+MEASURED_COLUMNS = ("img_per_s", "mfu", "epoch_seconds", "peak_memory_mib", "read_retries")  # of the machine and storage
 
 
 def without_timing(path: Path) -> list[list[str]]:

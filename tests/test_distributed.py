@@ -417,7 +417,7 @@ def test_unreadable_training_images_are_counted_over_every_process(rank1_fault, 
     """The 6 unreadable images are shared out between the 2 processes by the epoch's keyed order (each reads some):
     metrics.csv's bad_images and the checkpoint count all 6."""
     from mambaout.data import MicroBatchSampler
-    from mambaout.data.datasets import scan_split
+    from mambaout.data import scan_split
 
     samples, _ = scan_split(image_root, "train")
     for rank in (0, 1):

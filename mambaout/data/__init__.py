@@ -1,11 +1,8 @@
 """Data: datasets, timm-based transforms, and keyed (worker- and shard-independent) sampling."""
-from .datasets import (
+from .datasets import ImageDataset, SyntheticDataset, build_dataset, dataset_fingerprint
+from .sources.folder import (
     DatasetFormatError,
     DatasetNotFoundError,
-    ImageDataset,
-    SyntheticDataset,
-    build_dataset,
-    dataset_fingerprint,
     ilsvrc2012_id_to_synset,
     imagenet_synsets,
     scan_split,

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import default_collate
 
 from .augment import Augmenter
-from .decode import decode_jpegs_on, decode_rgb, jpeg_header, looks_complete, read_bytes
+from .decode import decode_jpegs_on, decode_rgb, jpeg_header, looks_complete
 from .plan import SamplePlanner
 from .tensor_pipeline import crop_resize_flip, no_op_plan, resize_center_crop
 
@@ -27,8 +27,7 @@ SOURCE = "source"
 class _JpegFile:
     """What a worker loads: the encoded bytes and the size from the header, or the decoded image."""
 
-    def __init__(self, path: str) -> None:
-        data = read_bytes(path)
+    def __init__(self, data: torch.Tensor) -> None:
         size = jpeg_header(data)
         if size is not None and not looks_complete(data):
             raise ValueError("the JPEG ends before its end-of-image marker (truncated)")
@@ -40,8 +39,8 @@ class NvjpegTrainReader:
     def __init__(self, planner: SamplePlanner) -> None:
         self.planner = planner
 
-    def load(self, path: str) -> _JpegFile:
-        return _JpegFile(path)
+    def load(self, data: torch.Tensor) -> _JpegFile:
+        return _JpegFile(data)
 
     def prepare(self, file: _JpegFile, sample_seed: int | None) -> dict[str, Any]:
         crop, plan = self.planner.draw(sample_seed or 0, file.width, file.height)
@@ -60,8 +59,8 @@ class NvjpegEvalReader:
     def __init__(self, size: int) -> None:
         self.size = size
 
-    def load(self, path: str) -> _JpegFile:
-        return _JpegFile(path)
+    def load(self, data: torch.Tensor) -> _JpegFile:
+        return _JpegFile(data)
 
     def prepare(self, file: _JpegFile, sample_seed: int | None) -> dict[str, Any]:
         return {SOURCE: file.data if file.image is None else file.image}

@@ -157,11 +157,56 @@ def _check_batch_arithmetic(global_batch_size: int, micro_batch_size: int, num_s
             f"an integer. Valid micro-batch sizes: {_divisors(per_shard)}")
 
 
+class GlobalShuffle:
+    """Epoch ``e`` visits a permutation of all samples, drawn from ``derive_seed(seed, "order", e)``."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "order", epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+
+class WindowShuffle:
+    """Shards permuted per epoch, then cut into windows of ``window`` shards, the samples of each window permuted:
+    a pure function of (seed, epoch, shard lengths, window), never of the world size or the workers. A host reads
+    a window's few shards in large requests, at the price of an order less mixed than a global permutation
+    (a sample meets only the samples of its window's shards in a batch)."""
+
+    def __init__(self, shard_lengths: Sequence[int], window: int) -> None:
+        if window < 1:
+            raise ValueError(f"the shuffle window must hold at least one shard, got {window}")
+        self.shard_lengths = [int(length) for length in shard_lengths]
+        self.window = window
+        self.num_samples = sum(self.shard_lengths)
+        self._shard_starts = np.concatenate([[0], np.cumsum(self.shard_lengths)[:-1]]).astype(np.int64)
+
+    def _windows(self, seed: int, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(derive_seed(seed, "shards", epoch))
+        shards = torch.randperm(len(self.shard_lengths), generator=generator).tolist()
+        return [shards[start:start + self.window] for start in range(0, len(shards), self.window)]
+
+    def order(self, seed: int, epoch: int) -> torch.Tensor:
+        parts = []
+        for number, shards in enumerate(self._windows(seed, epoch)):
+            samples = torch.from_numpy(np.concatenate(
+                [np.arange(self._shard_starts[s], self._shard_starts[s] + self.shard_lengths[s]) for s in shards]))
+            generator = torch.Generator().manual_seed(derive_seed(seed, "window", epoch, number))
+            parts.append(samples[torch.randperm(len(samples), generator=generator)])
+        return torch.cat(parts)
+
+    def window_bounds(self, seed: int, epoch: int) -> list[int]:
+        """Where each window starts in the epoch's order, and the order's end."""
+        sizes = [sum(self.shard_lengths[s] for s in shards) for shards in self._windows(seed, epoch)]
+        return np.concatenate([[0], np.cumsum(sizes)]).tolist()
+
+
 class MicroBatchSampler:
     """Batch sampler of training micro-batches for ``torch.utils.data.DataLoader(batch_sampler=...)``.
 
-    Epoch ``e`` visits a permutation of ``range(num_samples)`` drawn from a generator seeded by
-    ``derive_seed(seed, "order", e)``. Optimizer step ``s`` takes the global batch
+    Epoch ``e`` visits the order ``shuffle`` gives (:class:`GlobalShuffle` by default: a permutation of
+    ``range(num_samples)`` drawn from a generator seeded by ``derive_seed(seed, "order", e)``). Optimizer step ``s`` takes the global batch
     ``order[s * G:(s + 1) * G]``, cut into micro-batches of ``micro_batch_size`` numbered ``0..G/micro - 1``.
     Shard ``r`` of ``num_shards`` takes micro-batches ``a * num_shards + r`` for accumulation steps
     ``a = 0..accum_steps - 1``. Each yielded list is one accumulation step of this process: the
@@ -174,7 +219,8 @@ class MicroBatchSampler:
     """
 
     def __init__(self, num_samples: int, global_batch_size: int, micro_batch_size: int, num_shards: int,
-                 shard_ids: Sequence[int], seed: int, epoch: int = 0, start_step: int = 0) -> None:
+                 shard_ids: Sequence[int], seed: int, epoch: int = 0, start_step: int = 0,
+                 shuffle: GlobalShuffle | WindowShuffle | None = None) -> None:
         _check_batch_arithmetic(global_batch_size, micro_batch_size, num_shards)
         if num_samples < global_batch_size:
             raise ValueError(
@@ -190,6 +236,9 @@ class MicroBatchSampler:
         self.num_shards = num_shards
         self.shard_ids = shard_ids
         self.seed = seed
+        self.shuffle = shuffle or GlobalShuffle(num_samples)
+        if self.shuffle.num_samples != num_samples:
+            raise ValueError(f"the shuffle orders {self.shuffle.num_samples} samples, the dataset has {num_samples}")
         self.set_epoch(epoch, start_step)
 
     @property
@@ -216,8 +265,7 @@ class MicroBatchSampler:
 
     def epoch_order(self) -> torch.Tensor:
         """The sample order of the current epoch."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", self.epoch))
-        return torch.randperm(self.num_samples, generator=generator)
+        return self.shuffle.order(self.seed, self.epoch)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         order = self.epoch_order().tolist()

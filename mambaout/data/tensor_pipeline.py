@@ -15,7 +15,7 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import default_collate
 
 from .augment import Augmenter
-from .decode import decode_rgb, read_bytes
+from .decode import decode_rgb
 from .plan import INTERPOLATIONS, NO_OP, SamplePlanner, UnsupportedAugmentation
 
 _MODES = {"bilinear": TF.InterpolationMode.BILINEAR, "bicubic": TF.InterpolationMode.BICUBIC}
@@ -58,8 +58,8 @@ class TensorTrainReader:
     def __init__(self, planner: SamplePlanner) -> None:
         self.planner = planner
 
-    def load(self, path: str) -> torch.Tensor:
-        return decode_rgb(read_bytes(path))
+    def load(self, data: torch.Tensor) -> torch.Tensor:
+        return decode_rgb(data)
 
     def prepare(self, image: torch.Tensor, sample_seed: int | None) -> dict[str, Any]:
         crop, plan = self.planner.draw(sample_seed or 0, image.shape[-1], image.shape[-2])
@@ -102,8 +102,8 @@ class TensorEvalReader:
         check_eval_interpolation(interpolation)
         self.size, self.crop_pct, self.interpolation = size, crop_pct, interpolation
 
-    def load(self, path: str) -> torch.Tensor:
-        return decode_rgb(read_bytes(path))
+    def load(self, data: torch.Tensor) -> torch.Tensor:
+        return decode_rgb(data)
 
     def prepare(self, image: torch.Tensor, sample_seed: int | None) -> dict[str, Any]:
         return {"image": resize_center_crop(image, self.size, self.crop_pct, self.interpolation)}

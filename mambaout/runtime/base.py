@@ -59,6 +59,16 @@ class Runtime:
         return [self.rank]
 
     @property
+    def host_shard_ids(self) -> list[int]:
+        """The shards every process of this host feeds: what the host's read plan covers."""
+        return self.shard_ids
+
+    @property
+    def plans_reads(self) -> bool:
+        """Whether this process plans its host's reads (one per host; the others read the host's cache)."""
+        return True
+
+    @property
     def batch_shard_ids(self) -> list[int]:
         """The shards whose rows a batch on the device holds, in row order: this process's own."""
         return self.shard_ids

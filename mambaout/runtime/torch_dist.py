@@ -167,6 +167,15 @@ class TorchRuntime(Runtime):
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def host_shard_ids(self) -> list[int]:
+        first = self.rank - self.local_rank  # torchrun numbers a node's processes consecutively
+        return list(range(first, min(first + self.local_world_size, self.world_size)))
+
+    @property
+    def plans_reads(self) -> bool:
+        return self.local_rank == 0
+
     def device_name(self) -> str:
         if self.kind == "cuda":
             return torch.cuda.get_device_name(self.device)

@@ -1,0 +1,190 @@
+"""Reads by plan. The sample order is a pure function of (seed, epoch, index), so a host knows which samples its
+next steps take before any worker asks: the planner turns them into byte ranges, merges neighbouring ranges of a
+shard (bridging gaps up to ``gap_bytes``, up to ``request_bytes`` a request), fetches them in threads into the
+host's cache, and keeps ``ahead`` units in flight. A unit is an optimizer step (``global`` shuffle), a shuffle
+window (``window``: the samples of a window lie in its few shards, so its ranges merge into large requests) or an
+evaluation batch. The plan lives in memory only: on resume it is derived again from the step.
+
+Processes that do not plan (other local ranks) read the cache as well; a range in flight is waited for, a range
+nobody planned is fetched by the worker that needs it.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .shards import ShardSource
+from .store import DataSourceError
+
+log = logging.getLogger(__name__)
+
+
+def merge_ranges(ranges: Sequence[tuple[int, int, int]], gap_bytes: int, request_bytes: int
+                 ) -> list[tuple[int, int, int]]:
+    """(shard, start, end) requests covering ``ranges``: sorted, duplicates dropped, neighbours within
+    ``gap_bytes`` joined while a request stays within ``request_bytes`` (a single larger range stays whole)."""
+    merged: list[list[int]] = []
+    for shard, start, end in sorted(set(ranges)):
+        last = merged[-1] if merged else None
+        if (last is not None and last[0] == shard and start - last[2] <= gap_bytes
+                and max(end, last[2]) - last[1] <= request_bytes):
+            last[2] = max(last[2], end)
+        else:
+            merged.append([shard, start, end])
+    return [tuple(request) for request in merged]
+
+
+class Fetcher:
+    """Fetches requests into the cache on daemon threads (a run that stops does not wait for its read-ahead); a
+    request already cached or claimed is skipped. The threads start with the first request, after the
+    DataLoader has forked its workers."""
+
+    def __init__(self, source: ShardSource, threads: int) -> None:
+        self.source = source
+        self.threads = threads
+        self._queue: queue.Queue[tuple[int, int, int]] = queue.Queue()
+        self._warned = threading.Event()
+        self._started = False
+
+    def submit(self, requests: list[tuple[int, int, int]]) -> None:
+        if not self._started:
+            self._started = True
+            for number in range(self.threads):
+                threading.Thread(target=self._serve, name=f"mambaout-read-{number}", daemon=True).start()
+        for request in requests:
+            self._queue.put(request)
+
+    def _serve(self) -> None:
+        while True:
+            self._fetch(*self._queue.get())
+
+    def _fetch(self, shard: int, start: int, end: int) -> None:
+        cache, url = self.source.cache, self.source.store.url(self.source.index.shards[shard])
+        if cache.covered(url, start, end) or not cache.claim(url, start, end):
+            return
+        try:
+            data = self.source.store.read_range(self.source.index.shards[shard], start, end)
+        except (DataSourceError, OSError, EOFError) as error:
+            # The workers read these samples themselves and meet the error there, where it counts (an
+            # unreadable image, or the run's stop); the plan only loses its head start.
+            cache.release(url, start, end)
+            if not self._warned.is_set():
+                self._warned.set()
+                log.warning("read plan: %s", error)
+            return
+        except BaseException:
+            cache.release(url, start, end)
+            raise
+        cache.put(url, start, end, data)
+
+
+class Planner:
+    """Plans the reads of a sequence of units (each a list of sample indices) ``ahead`` units in advance."""
+
+    def __init__(self, source: ShardSource, fetcher: Fetcher, ahead: int, gap_bytes: int,
+                 request_bytes: int) -> None:
+        self.source, self.fetcher, self.ahead = source, fetcher, ahead
+        self.gap_bytes, self.request_bytes = gap_bytes, request_bytes
+
+    def requests(self, indices: Sequence[int]) -> list[tuple[int, int, int]]:
+        index = self.source.index
+        indices = np.asarray(indices, dtype=np.int64)
+        indices = indices[indices >= 0]  # padding rows read nothing
+        starts = index.start[indices]
+        ranges = zip(index.shard[indices].tolist(), starts.tolist(), (starts + index.length[indices]).tolist())
+        return merge_ranges(list(ranges), self.gap_bytes, self.request_bytes)
+
+    def run_ahead(self, units: Iterator[Sequence[int]]) -> "Lookahead":
+        return Lookahead(self, units)
+
+
+class Lookahead:
+    """Keeps the units up to ``current + ahead`` submitted."""
+
+    def __init__(self, planner: Planner, units: Iterator[Sequence[int]]) -> None:
+        self.planner, self.units, self.submitted = planner, units, 0
+
+    def advance_to(self, unit: int) -> None:
+        while self.submitted <= unit + self.planner.ahead:
+            indices = next(self.units, None)
+            if indices is None:
+                return
+            self.planner.fetcher.submit(self.planner.requests(indices))
+            self.submitted += 1
+
+
+class PlannedTrainBatches:
+    """The training batch sampler with the host's reads planned ahead: yields exactly what ``sampler`` yields
+    (the loop and the run are unchanged), and before each optimizer step schedules the ranges of the host's
+    samples ``ahead`` steps (or shuffle windows) later. Other attributes are the sampler's."""
+
+    def __init__(self, sampler, planner: Planner, host_shard_ids: Sequence[int]) -> None:
+        self.sampler, self.planner, self.host_shard_ids = sampler, planner, list(host_shard_ids)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sampler, name)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list]:
+        sampler = self.sampler
+        order = sampler.epoch_order().numpy()
+        units = self._units(order)
+        unit_of_step = self._unit_of_step(order)
+        lookahead = self.planner.run_ahead(units)
+        for position, batch in enumerate(sampler):
+            if position % sampler.accum_steps == 0:
+                lookahead.advance_to(unit_of_step(sampler.start_step + position // sampler.accum_steps))
+            yield batch
+
+    def _host_positions(self, order: np.ndarray) -> np.ndarray:
+        """Which positions of the epoch order this host's shards consume (the dropped tail excluded)."""
+        sampler = self.sampler
+        positions = np.arange(sampler.steps_per_epoch * sampler.global_batch_size)
+        micro = (positions % sampler.global_batch_size) // sampler.micro_batch_size
+        return np.isin(micro % sampler.num_shards, self.host_shard_ids)
+
+    def _bounds(self, order: np.ndarray) -> list[int]:
+        """Unit boundaries in epoch positions: shuffle windows, or optimizer steps."""
+        windows = getattr(self.sampler.shuffle, "window_bounds", None)
+        if windows is not None:
+            return [bound for bound in windows(self.sampler.seed, self.sampler.epoch)]
+        size = self.sampler.global_batch_size
+        return list(range(0, self.sampler.steps_per_epoch * size + 1, size))
+
+    def _units(self, order: np.ndarray) -> Iterator[np.ndarray]:
+        mine = self._host_positions(order)
+        used = len(mine)
+        bounds = self._bounds(order)
+        first = self._unit_of_step(order)(self.sampler.start_step)
+        for low, high in list(zip(bounds[:-1], bounds[1:]))[first:]:
+            high = min(high, used)
+            if low < high:
+                yield order[low:high][mine[low:high]]
+
+    def _unit_of_step(self, order: np.ndarray):
+        bounds = np.asarray(self._bounds(order))
+        size = self.sampler.global_batch_size
+        return lambda step: int(np.searchsorted(bounds, step * size, side="right") - 1)
+
+
+class PlannedEvalBatches:
+    """An evaluation batch sampler with each process's own batches planned ``ahead`` batches in advance."""
+
+    def __init__(self, sampler, planner: Planner) -> None:
+        self.sampler, self.planner = sampler, planner
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = list(self.sampler)
+        lookahead = self.planner.run_ahead(iter(batches))
+        for position, batch in enumerate(batches):
+            lookahead.advance_to(position)
+            yield batch
