@@ -64,6 +64,9 @@ class SplitIndex:
 
     def save(self, path: str | os.PathLike) -> None:
         """Written to a temporary file and renamed: concurrent builders (hosts, processes) never tear it."""
+        write_atomically(path, self.to_bytes())
+
+    def to_bytes(self) -> bytes:
         buffer = io.BytesIO()
         meta = {"version": INDEX_VERSION, "format": self.format, "split": self.split, "shards": self.shards,
                 "shard_sizes": self.shard_sizes, "shard_versions": self.shard_versions, "classes": self.classes}
@@ -71,7 +74,7 @@ class SplitIndex:
         np.savez(buffer, meta=np.array(json.dumps(meta)), shard=self.shard, start=self.start, length=self.length,
                  target=self.target, row_group=self.row_group, row=self.row, keys=self.keys,
                  footer_lengths=footer_lengths, footers=np.frombuffer(b"".join(self.footers), dtype=np.uint8))
-        write_atomically(path, buffer.getvalue())
+        return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "SplitIndex":

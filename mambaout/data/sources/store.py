@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import posixpath
 import random
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import fsspec
 import fsspec.core
+import fsspec.implementations.local
 import yaml
 
 KNOWN_SCHEMES = ("a local path", "file://", "s3://", "gs://", "https://")
@@ -62,24 +64,32 @@ class Store:
         self.retries = max(1, retries)
         self.backoff_s = backoff_s
         self.retry_count = RetryCounter()
+        self._fs, self._fs_pid = None, None
+        self.base = self._open()[1].rstrip("/")
+
+    def _open(self):
+        scheme = self.root.split("://", 1)[0] if is_url(self.root) else "file"
         try:
-            self.fs, self.base = fsspec.core.url_to_fs(self.root)
+            fs, base = fsspec.core.url_to_fs(self.root, skip_instance_cache=True, **_single_try_options(scheme))
         except (ValueError, ImportError) as error:
             raise DataSourceError(
-                f"data.root={root}: cannot open this URL ({error}); expected {', '.join(KNOWN_SCHEMES)}. "
+                f"data.root={self.root}: cannot open this URL ({error}); expected {', '.join(KNOWN_SCHEMES)}. "
                 "s3:// needs the s3fs package and gs:// gcsfs (pip install -e '.[shards]')") from None
-        self.base = self.base.rstrip("/")
+        if hasattr(fs, "retries"):
+            fs.retries = 1  # s3fs/gcsfs retry loops: this class retries, counts and reports instead
+        self._fs, self._fs_pid = fs, os.getpid()
+        return fs, base
+
+    @property
+    def fs(self):
+        """The filesystem, opened again in each process: fsspec's async filesystems (s3fs, gcsfs) are not
+        fork-safe, and DataLoader workers are forked."""
+        if self._fs_pid != os.getpid():
+            self._open()
+        return self._fs
 
     def __getstate__(self) -> dict[str, Any]:
-        # fsspec filesystems hold event loops and sessions that do not survive pickling into another process
-        # (spawned workers); the filesystem is reopened there from the root.
-        state = dict(self.__dict__)
-        state.pop("fs")
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.fs, _ = fsspec.core.url_to_fs(self.root)
+        return {**self.__dict__, "_fs": None, "_fs_pid": None}  # spawned workers reopen it
 
     def url(self, name: str = "") -> str:
         return f"{self.root}/{name}" if name else self.root
@@ -99,6 +109,15 @@ class Store:
         if len(data) != end - start:  # a shard shorter than its index says: truncated since
             raise EOFError(f"{self.url(name)}: asked for bytes {start}-{end}, got {len(data)}")
         return data
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Writes one object whole (object stores publish it at once; a local file goes through a rename)."""
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            from .index import write_atomically
+
+            write_atomically(self._path(name), data)
+        else:
+            self._retrying(name, lambda: self.fs.pipe_file(self._path(name), data))
 
     def open(self, name: str, block_size: int = 64 << 20):
         """A sequential reader of the whole object (indexing)."""
@@ -166,6 +185,13 @@ class Store:
                 time.sleep(delay * (1 + random.random()))  # noqa: S311 - jitter spreads hosts' retries apart
                 delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
+
+
+def _single_try_options(scheme: str) -> dict[str, Any]:
+    """Storage options that leave retrying to ``Store``: botocore's own retries off (s3fs)."""
+    if scheme in ("s3", "s3a"):
+        return {"config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    return {}
 
 
 def _version(entry: dict[str, Any]) -> str:
