@@ -26,7 +26,7 @@ import torch
 
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5", "ema_top1", "img_per_s",
                  "epoch_seconds", "bad_images", "nonfinite_skips", "peak_memory_mib")
-STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "mfu")
+STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "mfu", "read_retries")
 LOCK_FILE = "run.lock"
 CURVES_ENV = "MAMBAOUT_CURVES"  # "off": no curves.png (about 0.3 s per evaluation on 2 CPU cores)
 _HELD_HERE: set[str] = set()  # ids of the locks this process holds

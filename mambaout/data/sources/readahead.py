@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from .shards import ShardSource
-from .store import DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -51,35 +50,34 @@ class Fetcher:
         self._started = False
 
     def submit(self, requests: list[tuple[int, int, int]]) -> None:
+        """Claims each request now, so a reader that needs it waits for it rather than fetching it again."""
         if not self._started:
             self._started = True
             for number in range(self.threads):
                 threading.Thread(target=self._serve, name=f"mambaout-read-{number}", daemon=True).start()
-        for request in requests:
-            self._queue.put(request)
+        cache = self.source.cache
+        for shard, start, end in requests:
+            url = self.source.shard_url(shard)
+            if not cache.covered(url, start, end) and cache.claim(url, start, end):
+                self._queue.put((shard, start, end))
 
     def _serve(self) -> None:
         while True:
             self._fetch(*self._queue.get())
 
     def _fetch(self, shard: int, start: int, end: int) -> None:
-        cache, url = self.source.cache, self.source.store.url(self.source.index.shards[shard])
-        if cache.covered(url, start, end) or not cache.claim(url, start, end):
-            return
+        """Fetches a claimed request into the cache; on failure the claim is released and the workers read these
+        samples themselves, meeting the error where it counts (an unreadable image, or the run's stop)."""
+        url = self.source.shard_url(shard)
         try:
             data = self.source.store.read_range(self.source.index.shards[shard], start, end)
-        except (DataSourceError, OSError, EOFError) as error:
-            # The workers read these samples themselves and meet the error there, where it counts (an
-            # unreadable image, or the run's stop); the plan only loses its head start.
-            cache.release(url, start, end)
+        except Exception as error:  # noqa: BLE001 - the plan only loses its head start
+            self.source.cache.release(url, start, end)
             if not self._warned.is_set():
                 self._warned.set()
                 log.warning("read plan: %s", error)
             return
-        except BaseException:
-            cache.release(url, start, end)
-            raise
-        cache.put(url, start, end, data)
+        self.source.cache.put(url, start, end, data)
 
 
 class Planner:

@@ -60,6 +60,9 @@ class ShardSource:
     def read_retries(self) -> int:
         return self.store.retry_count.value
 
+    def shard_url(self, shard: int) -> str:
+        return self._shard_urls[shard]
+
     def byte_range(self, index: int) -> tuple[int, int, int]:
         """(shard, start, end) of what reading sample ``index`` fetches."""
         start = int(self.index.start[index])
