@@ -27,7 +27,7 @@ from .config import (Config, ConfigError, Schema, config_from_dict, derive, diff
                      to_yaml)
 from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, dataset_fingerprint
 from .data.pipeline import Pipeline, build_pipeline
-from .data.sources import DataSourceError, describe_data_change, plan_reads, shuffle_for, source_options
+from .data.sources import describe_data_change, plan_reads, shuffle_for, source_options
 from .data.sampling import derive_seed, with_drop_draws
 from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
 from .models import create_model

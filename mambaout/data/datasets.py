@@ -21,7 +21,6 @@ from torch.utils.data import Dataset
 
 from .sampling import PAD_INDEX, derive_seed, seeded_rngs
 from .sources import DataSourceError, Source, open_source
-from .sources.folder import FolderSource, scan_split
 
 _logger = logging.getLogger(__name__)
 

@@ -13,13 +13,26 @@ import torch
 
 from .cache import RangeCache
 from .index import SplitIndex, index_name, stale_shards
-from .parquet import build_parquet_index, metadata_from_footer, row_group_images, split_files
 from .store import DataSourceError, Store, is_url
 from .wds import build_wds_index, split_shards
 
 log = logging.getLogger(__name__)
 
-_BUILDERS = {"wds": build_wds_index, "parquet": build_parquet_index}
+
+
+def _parquet():
+    """The parquet reader, imported when used: pyarrow is the ``shards`` extra's, not every run's."""
+    try:
+        from . import parquet
+    except ModuleNotFoundError as error:
+        raise DataSourceError(f"data.format=parquet needs {error.name}, which is not installed: "
+                              "pip install -e '.[shards]'") from None
+    return parquet
+
+
+def _build(format: str, store: Store, split: str, versions: dict[str, tuple[int, str]]) -> SplitIndex:
+    builder = build_wds_index if format == "wds" else _parquet().build_parquet_index
+    return builder(store, split, versions)
 
 
 class ShardSource:
@@ -88,9 +101,10 @@ class ShardSource:
         shard, group, row = int(self.index.shard[index]), int(self.index.row_group[index]), int(self.index.row[index])
         images = self._row_groups.get((shard, group))
         if images is None:
+            parquet = _parquet()
             if shard not in self._metadata:
-                self._metadata[shard] = metadata_from_footer(self.index.footers[shard])
-            images = row_group_images(lambda start, end: self.fetch(shard, start, end),
+                self._metadata[shard] = parquet.metadata_from_footer(self.index.footers[shard])
+            images = parquet.row_group_images(lambda start, end: self.fetch(shard, start, end),
                                       self.index.shard_sizes[shard], self._metadata[shard], group)
             self._row_groups[(shard, group)] = images
             while len(self._row_groups) > 2:  # a worker reads a row group's rows close together
@@ -118,12 +132,12 @@ def default_cache_dir() -> str:
 
 
 def shard_names(store: Store, format: str, split: str) -> list[str]:
-    return split_shards(store, split)[0] if format == "wds" else split_files(store, split)
+    return split_shards(store, split)[0] if format == "wds" else _parquet().split_files(store, split)
 
 
 def build_index(store: Store, format: str, split: str) -> SplitIndex:
     names = shard_names(store, format, split)
-    return _BUILDERS[format](store, split, store.versions(names))
+    return _build(format, store, split, store.versions(names))
 
 
 def load_index(store: Store, format: str, split: str, cache_folder: Path) -> SplitIndex:
@@ -146,7 +160,7 @@ def load_index(store: Store, format: str, split: str, cache_folder: Path) -> Spl
         else:
             log.info("indexing %s split %r (once; scripts/index_shards.py writes a shared index for every host)",
                      store.url(), split)
-        index = _BUILDERS[format](store, split, current)
+        index = _build(format, store, split, current)
         index.save(local)
         return index
 
@@ -168,11 +182,3 @@ def _read_local(path: Path) -> SplitIndex | None:
         return None
     except (ValueError, KeyError, OSError):
         return None
-
-
-def check_format(format: str) -> None:
-    if format not in _BUILDERS:
-        raise DataSourceError(f"data.format={format!r} has no shard reader; expected one of {sorted(_BUILDERS)}")
-
-
-
