@@ -11,14 +11,17 @@ that is not an image) is said in the page, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import io
 import logging
+import tempfile
 from pathlib import Path
 
 import gradio as gr
+from PIL import Image
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .data.sources.folder import IMAGE_EXTENSIONS
+from .data.sources import DataSourceError, FolderSource, open_source, source_options
 from .inference import Classifier, Prediction, load_classifier
 from .validation import ValidationError, release_checkpoint
 
@@ -67,26 +70,42 @@ def load_model(checkpoint: str | None, model_name: str | None, pretrained: bool)
 
 
 def example_images(classifier: Classifier) -> list[str]:
-    """Images that exist offline: the first image of each class in the run's validation folder (up to 10), else
-    scikit-learn's two sample photos (a temple in China, a flower) when it is installed."""
+    """Images that exist offline: the first image of each class of the run's validation split (up to 10), in any
+    data format, else scikit-learn's two sample photos (a temple in China, a flower) when it is installed."""
     return _run_examples(classifier) or _sample_photos()
 
 
 def _run_examples(classifier: Classifier) -> list[str]:
     cfg = classifier.config
-    if cfg is None or cfg.data.format != "folder" or cfg.data.root is None:
+    if cfg is None or cfg.data.format == "synthetic" or cfg.data.root is None:
         return []
-    split = Path(cfg.data.root) / cfg.data.val_split
-    if not split.is_dir():
+    try:
+        source = open_source(cfg.data.format, cfg.data.root, cfg.data.val_split, **source_options(cfg.data))
+    except (DataSourceError, OSError, ValueError):  # the run's data is not at hand here: the sample photos
         return []
-    examples = []
-    for class_folder in sorted(path for path in split.iterdir() if path.is_dir()):
-        images = sorted(path for path in class_folder.iterdir()
-                        if path.name.lower().endswith(IMAGE_EXTENSIONS) and not path.name.startswith("."))
-        examples += [str(images[0])] if images else []
-        if len(examples) == MAX_EXAMPLES:
+    first_of_class: dict[int, int] = {}
+    for index, target in enumerate(source.targets):
+        first_of_class.setdefault(target, index)
+        if len(first_of_class) == MAX_EXAMPLES:
             break
-    return examples
+    indices = [first_of_class[target] for target in sorted(first_of_class)]
+    if isinstance(source, FolderSource):
+        return [source.describe(index) for index in indices]
+    return _write_examples(source, indices)
+
+
+def _write_examples(source, indices: list[int]) -> list[str]:
+    """Samples of shards as files, which is what the page's examples are."""
+    folder = Path(tempfile.mkdtemp(prefix="mambaout-demo-examples-"))
+    paths = []
+    for number, index in enumerate(indices):
+        data = source.read(index).numpy().tobytes()
+        with Image.open(io.BytesIO(data)) as image:
+            extension = (image.format or "png").lower()
+        path = folder / f"{number:02d}-{source.classes[source.targets[index]]}.{extension}".replace("/", "_")
+        path.write_bytes(data)
+        paths.append(str(path))
+    return paths
 
 
 def _sample_photos() -> list[str]:

@@ -47,7 +47,8 @@ NONFINITE_EXIT_CODE = 3
 # (train.compile and runtime.device are not: they change float rounding, so the run would not be bit-identical.)
 HARMLESS_ON_RESUME = frozenset({
     "data.root", "data.num_workers", "data.cache_dir", "data.cache_limit_gb", "data.read_ahead_steps",
-    "data.read_threads", "data.read_request_mb", "data.read_gap_mb", "data.read_retries", "train.max_steps", "train.output_dir", "train.log_interval",
+    "data.read_threads", "data.read_request_mb", "data.read_gap_mb", "data.read_retries", "train.max_steps",
+    "train.output_dir", "train.log_interval",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.skip_nonfinite", "eval.every_epochs",
     "eval.batch_size", "runtime.dist_timeout_s", "runtime.peak_tflops",
 })

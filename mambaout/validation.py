@@ -69,8 +69,9 @@ def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
 
         sampler = EvalBatchSampler(len(dataset), cfg.eval.batch_size * len(runtime.shard_ids),
                                    runtime.world_size, runtime.rank, pad_to_full=runtime.fixed_shapes)
-        loader = DataLoader(dataset, batch_sampler=plan_reads(dataset, sampler, cfg.data), num_workers=cfg.data.num_workers,
-                            collate_fn=stage.collate, pin_memory=runtime.device.type == "cuda")
+        loader = DataLoader(dataset, batch_sampler=plan_reads(dataset, sampler, cfg.data),
+                            num_workers=cfg.data.num_workers, collate_fn=stage.collate,
+                            pin_memory=runtime.device.type == "cuda")
         progress = Progress(len(dataset), "validate", enabled=runtime.is_main)
         start = time.perf_counter()
         result = evaluate(model, loader, runtime, collect_predictions=request.predictions is not None,

@@ -13,7 +13,7 @@ that serves few large files well and many small ones badly: object stores, netwo
 Layouts (MB = 10^6 bytes):
 
 * wds (timm's imagenet-1k-wds): OUT/<split>-000000.tar, ... Each sample is two consecutive members,
-  <key>.jpg|png|webp (the file's bytes; .jpeg is named jpg) and <key>.cls (the class index as ASCII digits), with
+  <key>.cls (the class index as ASCII digits) and <key>.jpg|png|webp (the file's bytes; .jpeg is named jpg), with
   key the sample's index in the split, zero-padded to 8 digits. A tar is at most --shard-size MB (unless it holds a
   single larger sample). OUT/_info.json lists each converted split (timm reads it): {"name", "num_classes",
   "splits": {split: {"name", "num_samples", "filenames", "shard_lengths"}}}; converting another split into the same
@@ -38,6 +38,7 @@ import itertools
 import json
 import os
 import posixpath
+import random
 import re
 import sys
 import tarfile
@@ -178,9 +179,11 @@ def check_source(src: Path, splits: Sequence[str]) -> None:
                         f"--splits with the splits it has, e.g. --splits {','.join(present) or 'train'}")
 
 
-def scan(src: Path, splits: Sequence[str], classes: list[str] | None) -> tuple[list[Split], list[str]]:
-    """Each split's samples in the folder's order; the first split scanned (train when converted, else the first
-    named) decides the classes of the others, as training does, unless ``classes`` (OUT's) are given."""
+def scan(src: Path, splits: Sequence[str], classes: list[str] | None, shuffle_seed: int | None = None
+         ) -> tuple[list[Split], list[str]]:
+    """Each split's samples in the folder's order (or permuted by ``shuffle_seed``); the first split scanned (train
+    when converted, else the first named) decides the classes of the others, as training does, unless ``classes``
+    (OUT's) are given."""
     order = sorted(splits, key=lambda split: split != "train")
     given = classes is not None
     scanned = {}
@@ -191,6 +194,8 @@ def scan(src: Path, splits: Sequence[str], classes: list[str] | None) -> tuple[l
             where = " (the class list is OUT's classes.txt, of the splits already there)" if given else ""
             raise UserError(f"{error}{where}") from None
         classes = classes or found
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(samples)
         scanned[split] = Split(split, src / split, samples, [os.path.getsize(path) for path, _ in samples])
     return [scanned[split] for split in splits], list(classes)
 
@@ -266,8 +271,10 @@ def write_tar(stream: IO[bytes], split: Split, shard: Shard) -> None:
     with tarfile.open(fileobj=stream, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for index in shard.samples:
             path, target = split.samples[index]
-            add_member(tar, f"{index:08d}.{wds_extension(path)}", read_image(path))
+            # the label first, as webdataset's writer orders a sample's members: a shard cut inside an image keeps
+            # that sample's label, so the reader counts it unreadable instead of losing it
             add_member(tar, f"{index:08d}.cls", str(target).encode("ascii"))
+            add_member(tar, f"{index:08d}.{wds_extension(path)}", read_image(path))
 
 
 def parquet_schema(classes: Sequence[str]) -> Any:
@@ -386,6 +393,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="comma-separated splits to convert (default: those of train,val that SRC has)")
     parser.add_argument("--overwrite", action="store_true", help="replace splits that OUT already holds")
     parser.add_argument("--workers", type=int, default=8, help="shards written at a time (default: 8)")
+    parser.add_argument("--shuffle-seed", type=int, metavar="N",
+                        help="write each split's samples in an order permuted by N instead of the folder's, so every "
+                             "shard mixes the classes (for data.shuffle=window; the run then differs from the "
+                             "folder's)")
     args = parser.parse_args(argv)
     if args.shard_size <= 0 or args.row_group_mb <= 0:
         parser.error("--shard-size and --row-group-mb must be positive")
@@ -405,7 +416,8 @@ def convert(args: argparse.Namespace) -> None:
     info = read_info(destination) if args.format == "wds" else {}
     existing = (refuse_overwrite(destination, args.format, info, args.splits) if not args.overwrite else
                 {split: existing_shards(destination, args.format, split, info) for split in args.splits})
-    splits, classes = scan(args.src, args.splits, out_classes(destination, args.format, info, args.splits))
+    splits, classes = scan(args.src, args.splits, out_classes(destination, args.format, info, args.splits),
+                           args.shuffle_seed)
     if args.format == "wds":
         for split in splits:
             for path, _ in split.samples:

@@ -160,7 +160,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-MEASURED_COLUMNS = ("img_per_s", "mfu", "epoch_seconds", "peak_memory_mib", "read_retries")  # of the machine and storage
+# of the machine and the storage, not of the run
+MEASURED_COLUMNS = ("img_per_s", "mfu", "epoch_seconds", "peak_memory_mib", "read_retries")
 
 
 def without_timing(path: Path) -> list[list[str]]:

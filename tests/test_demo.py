@@ -6,6 +6,8 @@ near a tie; it is saved as a run's training checkpoint (config and class list in
 """
 from __future__ import annotations
 
+import importlib.util
+
 import os
 import shutil
 import tempfile
@@ -114,11 +116,21 @@ def test_client_errors_are_messages(servers, uploads):
                                                          api_name=f"/{demo_app.API_NAME}")
 
 
-def test_examples_exist_offline(run_checkpoint):
-    """A run's first validation image of each class; scikit-learn's two photos for a model without a run."""
+def test_examples_exist_offline(run_checkpoint, tmp_path):
+    """A run's first validation image of each class, from a folder or from shards; scikit-learn's two photos for a
+    model without a run."""
     run = demo_app.load_model(str(run_checkpoint), None, False)
     val = Path(run.config.data.root) / "val"
-    assert demo_app.example_images(run) == [str(sorted((val / name).iterdir())[0]) for name in sorted(CLASSES)]
+    firsts = [sorted((val / name).iterdir())[0] for name in sorted(CLASSES)]
+    assert demo_app.example_images(run) == [str(path) for path in firsts]
+    if importlib.util.find_spec("webdataset"):
+        from shards import write_wds
+
+        run.config.data.format, run.config.data.cache_dir = "wds", str(tmp_path / "cache")
+        run.config.data.root = str(write_wds(val.parent, tmp_path / "wds", splits=("val",)))
+        assert [Path(path).read_bytes() for path in demo_app.example_images(run)] == [
+            path.read_bytes() for path in firsts]
+        run.config.data.format = "folder"
     run.config.data.root = "/nonexistent"
     photos = demo_app.example_images(run)
     assert [Path(path).name for path in photos] == ["china.jpg", "flower.jpg"]

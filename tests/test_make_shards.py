@@ -63,14 +63,14 @@ def refusal(*argv) -> str:
 
 def read_tars(out: Path, split: str) -> list[tuple[str, str, bytes, bytes]]:
     """(key, image extension, image bytes, cls bytes) of each sample, in the order of _info.json's shards; the
-    members strictly alternate image, cls, with timm-neutral attributes."""
+    members strictly alternate cls, image, with timm-neutral attributes."""
     info = json.loads((out / "_info.json").read_text())["splits"][split]
     samples = []
     for filename, length in zip(info["filenames"], info["shard_lengths"]):
         with tarfile.open(out / filename) as tar:
             members = tar.getmembers()
             assert len(members) == 2 * length
-            for image, cls in zip(members[::2], members[1::2]):
+            for cls, image in zip(members[::2], members[1::2]):
                 key, extension = image.name.split(".")
                 assert cls.name == f"{key}.cls"
                 assert all((m.mode, m.mtime, m.uid, m.gid, m.uname, m.gname) == (0o644, 0, 0, 0, "", "")
@@ -104,6 +104,16 @@ def test_wds_holds_the_folder_in_order(src, tmp_path):
     assert (out / "classes.txt").read_text().splitlines() == list(CLASSES)
     assert sorted(path.name for path in out.iterdir() if not path.name.endswith(".tar")) == ["_info.json",
                                                                                             "classes.txt"]
+
+
+def test_a_shuffle_seed_writes_the_same_samples_in_a_keyed_order(src, tmp_path):
+    orders = []
+    for name in ("a", "b"):
+        run(src, tmp_path / name, "--format", "wds", "--shard-size", 0.02, "--splits", "train", "--shuffle-seed", 5)
+        orders.append([(image, int(cls)) for _, _, image, cls in read_tars(tmp_path / name, "train")])
+    folder = [(Path(path).read_bytes(), target) for path, target in expected(src, "train")]
+    assert orders[0] == orders[1] != folder  # keyed by the seed: the same on every conversion
+    assert sorted(orders[0]) == sorted(folder)  # the same samples, labels kept
 
 
 def test_webdataset_reads_the_same_samples(src, tmp_path):
@@ -181,7 +191,7 @@ def test_an_interrupted_write_leaves_no_torn_shard(src, tmp_path, monkeypatch):
     for path in out.glob("*.tar"):
         with tarfile.open(path) as tar:  # each shard here is whole: 2 members (10 kB shards hold one sample)
             key = tar.getmembers()[0].name.split(".")[0]
-            assert [member.name.split(".")[1] for member in tar.getmembers()][1:] == ["cls"] and key != "00000007"
+            assert [member.name.split(".")[1] for member in tar.getmembers()][0] == "cls" and key != "00000007"
 
 
 @pytest.mark.parametrize("case", ["missing src", "missing split", "unknown scheme", "unsupported image"])
@@ -231,7 +241,7 @@ def test_s3_bucket(src, tmp_path, monkeypatch):
             with tarfile.open(fileobj=io.BytesIO(fs.cat_file(f"bucket/imagenet/wds/{filename}"))) as tar:
                 members = tar.getmembers()
                 samples += [(image.name.split(".")[0], image.name.split(".")[1], tar.extractfile(image).read(),
-                             tar.extractfile(cls).read()) for image, cls in zip(members[::2], members[1::2])]
+                             tar.extractfile(cls).read()) for cls, image in zip(members[::2], members[1::2])]
         _, classes = scan_split(src, "train")
         names = ["_info.json", "classes.txt", *info["splits"]["val"]["filenames"]]
         assert sorted(fs.ls("bucket/imagenet/wds", detail=False)) == sorted(f"bucket/imagenet/wds/{name}"

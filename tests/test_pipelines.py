@@ -180,7 +180,8 @@ def test_recipe_statistics_match_timms_over_2000_real_photos():
 # --- the augmentation of a batch: grouped, masked, per sample ----------------------------------------
 
 def plans_of(reader, files: list[str], epoch: int = 0):
-    items = [reader.prepare(reader.load(read_bytes(f)), derive_seed(3, "sample", epoch, i)) for i, f in enumerate(files)]
+    items = [reader.prepare(reader.load(read_bytes(file)), derive_seed(3, "sample", epoch, i))
+             for i, file in enumerate(files)]
     return default_collate(items)
 
 

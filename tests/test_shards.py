@@ -109,7 +109,8 @@ def test_window_shuffle_permutes_shards_then_samples_within_windows():
         assert [len(w) for w in windows] == [2, 2, 1] and set().union(*windows) == set(range(5))
         for a, b in zip(bounds[:-1], bounds[1:]):  # a window holds its shards' samples, all of them
             held = order[a:b].tolist()
-            assert sorted(held) == sorted(i for s in set(shard_of[held]) for i in range(starts[s], starts[s] + lengths[s]))
+            shards = set(shard_of[held])
+            assert sorted(held) == sorted(i for s in shards for i in range(starts[s], starts[s] + lengths[s]))
         assert torch.equal(order, shuffle.order(seed=7, epoch=epoch))  # keyed: the same again
     assert not torch.equal(shuffle.order(7, 0), shuffle.order(7, 1))
     assert torch.equal(GlobalShuffle(20).order(3, 1), MicroBatchSampler(20, 4, 2, 1, [0], 3, epoch=1).epoch_order())

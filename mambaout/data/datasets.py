@@ -31,9 +31,9 @@ SampleRef = int | tuple[int, int]
 
 class SampleReader(Protocol):
     """The per-sample work of a pipeline, done in the DataLoader workers. ``load`` takes a sample's encoded bytes
-    (uint8) and raises when they are unreadable (the dataset then replaces or masks the sample); ``prepare`` turns what was loaded into the
-    item's fields, keyed by the sample's seed (None: evaluation), and must not fail on a readable file;
-    ``blank`` gives the fields of a row without an image (padding, masked unreadable images)."""
+    (uint8) and raises when they are unreadable (the dataset then replaces or masks the sample); ``prepare`` turns
+    what was loaded into the item's fields, keyed by the sample's seed (None: evaluation), and must not fail on
+    readable bytes; ``blank`` gives the fields of a row without an image (padding, masked unreadable images)."""
 
     def load(self, data: torch.Tensor) -> Any: ...
 

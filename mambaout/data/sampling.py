@@ -206,8 +206,9 @@ class MicroBatchSampler:
     """Batch sampler of training micro-batches for ``torch.utils.data.DataLoader(batch_sampler=...)``.
 
     Epoch ``e`` visits the order ``shuffle`` gives (:class:`GlobalShuffle` by default: a permutation of
-    ``range(num_samples)`` drawn from a generator seeded by ``derive_seed(seed, "order", e)``). Optimizer step ``s`` takes the global batch
-    ``order[s * G:(s + 1) * G]``, cut into micro-batches of ``micro_batch_size`` numbered ``0..G/micro - 1``.
+    ``range(num_samples)`` drawn from a generator seeded by ``derive_seed(seed, "order", e)``; or a
+    :class:`WindowShuffle`). Optimizer step ``s`` takes the global batch ``order[s * G:(s + 1) * G]``, cut into
+    micro-batches of ``micro_batch_size`` numbered ``0..G/micro - 1``.
     Shard ``r`` of ``num_shards`` takes micro-batches ``a * num_shards + r`` for accumulation steps
     ``a = 0..accum_steps - 1``. Each yielded list is one accumulation step of this process: the
     micro-batches of its ``shard_ids`` concatenated in that order (one shard per process on

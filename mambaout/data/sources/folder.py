@@ -209,6 +209,6 @@ class FolderSource:
 
     def fingerprint(self) -> dict[str, Any]:
         """Image and class counts, and the sha256 of the sorted ``relative/path<TAB>target`` lines."""
-        lines = sorted(f"{Path(os.path.relpath(path, self.root)).as_posix()}\t{target}" for path, target in self.samples)
+        lines = sorted(f"{self.name(index)}\t{target}" for index, target in enumerate(self.targets))
         digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
         return {"num_images": len(self), "num_classes": len(self.classes), "sha256": digest}

@@ -96,29 +96,30 @@ class Planner:
         ranges = zip(index.shard[indices].tolist(), starts.tolist(), (starts + index.length[indices]).tolist())
         return merge_ranges(list(ranges), self.gap_bytes, self.request_bytes)
 
-    def run_ahead(self, units: Iterator[Sequence[int]]) -> "Lookahead":
-        return Lookahead(self, units)
+    def run_ahead(self, units: Iterator[Sequence[int]], first: int = 0) -> "Lookahead":
+        return Lookahead(self, units, first)
 
 
 class Lookahead:
-    """Keeps the units up to ``current + ahead`` submitted."""
+    """Keeps the units up to ``current + ahead`` submitted; ``units`` yields the samples of units ``first``, ..."""
 
-    def __init__(self, planner: Planner, units: Iterator[Sequence[int]]) -> None:
-        self.planner, self.units, self.submitted = planner, units, 0
+    def __init__(self, planner: Planner, units: Iterator[Sequence[int]], first: int) -> None:
+        self.planner, self.units, self.next_unit = planner, units, first
 
     def advance_to(self, unit: int) -> None:
-        while self.submitted <= unit + self.planner.ahead:
+        while self.next_unit <= unit + self.planner.ahead:
             indices = next(self.units, None)
             if indices is None:
                 return
             self.planner.fetcher.submit(self.planner.requests(indices))
-            self.submitted += 1
+            self.next_unit += 1
 
 
 class PlannedTrainBatches:
     """The training batch sampler with the host's reads planned ahead: yields exactly what ``sampler`` yields
     (the loop and the run are unchanged), and before each optimizer step schedules the ranges of the host's
-    samples ``ahead`` steps (or shuffle windows) later. Other attributes are the sampler's."""
+    samples ``ahead`` units later (a unit: an optimizer step, or a shuffle window). Other attributes are the
+    sampler's."""
 
     def __init__(self, sampler, planner: Planner, host_shard_ids: Sequence[int]) -> None:
         self.sampler, self.planner, self.host_shard_ids = sampler, planner, list(host_shard_ids)
@@ -131,44 +132,37 @@ class PlannedTrainBatches:
 
     def __iter__(self) -> Iterator[list]:
         sampler = self.sampler
-        order = sampler.epoch_order().numpy()
-        units = self._units(order)
-        unit_of_step = self._unit_of_step(order)
-        lookahead = self.planner.run_ahead(units)
+        bounds = self._unit_bounds()
+
+        def unit_of_step(step: int) -> int:
+            return int(np.searchsorted(bounds, step * sampler.global_batch_size, side="right") - 1)
+
+        first = unit_of_step(sampler.start_step)
+        lookahead = self.planner.run_ahead(self._host_units(bounds, first), first)
         for position, batch in enumerate(sampler):
             if position % sampler.accum_steps == 0:
                 lookahead.advance_to(unit_of_step(sampler.start_step + position // sampler.accum_steps))
             yield batch
 
-    def _host_positions(self, order: np.ndarray) -> np.ndarray:
-        """Which positions of the epoch order this host's shards consume (the dropped tail excluded)."""
+    def _unit_bounds(self) -> np.ndarray:
+        """Unit boundaries in positions of the epoch's order: shuffle windows, or optimizer steps."""
         sampler = self.sampler
-        positions = np.arange(sampler.steps_per_epoch * sampler.global_batch_size)
-        micro = (positions % sampler.global_batch_size) // sampler.micro_batch_size
-        return np.isin(micro % sampler.num_shards, self.host_shard_ids)
-
-    def _bounds(self, order: np.ndarray) -> list[int]:
-        """Unit boundaries in epoch positions: shuffle windows, or optimizer steps."""
-        windows = getattr(self.sampler.shuffle, "window_bounds", None)
+        windows = getattr(sampler.shuffle, "window_bounds", None)
         if windows is not None:
-            return [bound for bound in windows(self.sampler.seed, self.sampler.epoch)]
-        size = self.sampler.global_batch_size
-        return list(range(0, self.sampler.steps_per_epoch * size + 1, size))
+            return np.asarray(windows(sampler.seed, sampler.epoch))
+        return np.arange(0, sampler.steps_per_epoch * sampler.global_batch_size + 1, sampler.global_batch_size)
 
-    def _units(self, order: np.ndarray) -> Iterator[np.ndarray]:
-        mine = self._host_positions(order)
-        used = len(mine)
-        bounds = self._bounds(order)
-        first = self._unit_of_step(order)(self.sampler.start_step)
-        for low, high in list(zip(bounds[:-1], bounds[1:]))[first:]:
+    def _host_units(self, bounds: np.ndarray, first: int) -> Iterator[np.ndarray]:
+        """The samples of each unit from ``first`` on that this host's shards take (the dropped tail excluded)."""
+        sampler = self.sampler
+        order = sampler.epoch_order().numpy()
+        used = sampler.steps_per_epoch * sampler.global_batch_size
+        micro = (np.arange(used) % sampler.global_batch_size) // sampler.micro_batch_size
+        mine = np.isin(micro % sampler.num_shards, self.host_shard_ids)
+        for low, high in zip(bounds[first:-1].tolist(), bounds[first + 1:].tolist()):
             high = min(high, used)
             if low < high:
                 yield order[low:high][mine[low:high]]
-
-    def _unit_of_step(self, order: np.ndarray):
-        bounds = np.asarray(self._bounds(order))
-        size = self.sampler.global_batch_size
-        return lambda step: int(np.searchsorted(bounds, step * size, side="right") - 1)
 
 
 class PlannedEvalBatches:
