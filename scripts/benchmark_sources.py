@@ -1,32 +1,38 @@
 #!/usr/bin/env python3
-"""Training reads from object storage against a local folder: the same images, in the same order, decoded and
-cropped the same way, from class folders on the disk, from tar shards (wds) and parquet files on a loopback S3
-server behind a latency-adding proxy, and from the same tars through timm's webdataset reader.
+"""Training reads from object storage (wds, parquet, timm's wds reader) against the same images in a local folder.
+
+The same images, in the same order, decoded and cropped the same way, from class folders on the disk, from tar
+shards (wds) and parquet files on a loopback S3 server behind a latency-adding proxy, and from the same tars
+through timm's webdataset reader.
 
     python scripts/benchmark_sources.py [--latency-ms 20] [--images 3000] [--classes 10] [--workers 2]
                                         [--window 4] [--shard-mb 16] [--rounds 3] [--keep DIR]
+                                        [--cache-windows 1.05] [--read-ahead N]
     python scripts/benchmark_sources.py --quickstart [--rounds 1] [--latency-ms 20] [--keep DIR]
 
-Data: --images ImageNet-sized JPEGs, all distinct (benchmark_data.make_jpegs' crops of scikit-learn's two
-sample photos, one seed per 70 images), cycled over --classes class folders, converted by scripts/make_shards.py
-to wds tars and parquet files of --shard-mb MB (sample i is the folder's sample i in both), and uploaded to moto's
-S3 server on loopback (tests/s3server.py). Every S3 read goes through its FaultProxy, which waits --latency-ms
-before each request and counts requests and response bytes. Each split is indexed once (scripts/index_shards.py's
-index, written to the bucket) before anything is timed. --keep DIR keeps the files for the next run.
+Data: --images JPEGs of ImageNet's usual sizes (~48 KB each at quality 90), all distinct (benchmark_data.make_jpegs'
+crops of scikit-learn's two sample photos, one seed per 70 images), cycled over --classes class folders, converted
+by scripts/make_shards.py to wds tars and parquet files of --shard-mb MB (sample i is the folder's sample i in both),
+and uploaded to moto's S3 server on loopback (tests/s3server.py). Every S3 read goes through its FaultProxy, which
+waits --latency-ms before each request and counts requests and response bytes. Each split is indexed once
+(scripts/index_shards.py's index, written to the bucket) before anything is timed. --keep DIR keeps the files for
+the next run.
 
 Per round (--rounds, the order of the sources rotating each round):
 
 * ``folder``: the class folders, read from the page cache (every file is read once before the rounds);
 * ``s3 wds``, ``s3 parquet``: open_source on the proxy's s3:// URL, a fresh (cold) cache folder each round with
-  data.cache_limit_gb = the bytes of one shuffle window (its --window largest shards) + 5%, the batches wrapped by
-  plan_reads (host shard 0; the other data.read_* settings at their defaults);
+  data.cache_limit_gb = --cache-windows (1.05) times the bytes of one shuffle window (its --window largest
+  shards), the batches wrapped by plan_reads (host shard 0; data.read_ahead_steps = --read-ahead, else the
+  default, as are the other data.read_* settings);
 * ``timm wds``: timm.data.create_dataset("wds/...") over http:// URLs of the same tars (webdataset fetches each
   with curl), RandomResizedCrop(224) + PILToTensor, the same batch and workers. Its order is its own (shard shuffle
   and an 8192-sample buffer) and so is its count: each worker yields ceil(N / workers / 64) * 64 samples, going
   round its shards again for the rest.
 
-All but timm read one epoch in data.shuffle=window order (WindowShuffle over the tars' shard lengths, --window
-shards a window, seed 0, epoch = the round) through ImageDataset and the tensor pipeline's training reader
+All but timm read one epoch in data.shuffle=window order (WindowShuffle, --window shards a window, seed 0, epoch =
+the round; over the tars' lengths for folder and s3 wds, over the parquet files' for s3 parquet, since a window
+is a window of the format's own shards) through ImageDataset and the tensor pipeline's training reader
 (decode, random-resized crop to 224 keyed by the sample's seed; torch's default collate, so no RandAugment), in
 a DataLoader of --workers workers over MicroBatchSampler's batches of 64 (the last incomplete one dropped).
 The timed pass runs from creating the loader's iterator (every source's workers start inside it) to its last
@@ -114,8 +120,9 @@ def prepare_data(root: Path, images: int, classes: int, shard_mb: float) -> None
     if stamp.is_file() and json.loads(stamp.read_text()) == params:
         say(f"reusing the data in {root}")
         return
-    for name in ("folder", "wds", "parquet", "params.json"):
-        shutil.rmtree(root / name, ignore_errors=True) if name != "params.json" else stamp.unlink(missing_ok=True)
+    stamp.unlink(missing_ok=True)
+    for name in ("folder", "wds", "parquet"):
+        shutil.rmtree(root / name, ignore_errors=True)
     start = time.perf_counter()
     make_folder(root / "folder", images, classes)
     for form in ("wds", "parquet"):
@@ -177,12 +184,12 @@ class Pass:
         self.bytes = sent / image_bytes
 
 
-def timed(loader, proxy, count, image_bytes) -> Pass:
-    """Iterates ``loader`` once; ``count(batch)`` is a batch's images, ``image_bytes(batches)`` the encoded bytes
-    of all that were read."""
+def timed(loader, proxy, keys, image_bytes) -> Pass:
+    """Iterates ``loader`` once: ``keys(batch)`` lists a batch's images (indices or targets), ``image_bytes`` of
+    all the lists gives the encoded bytes of the images read."""
     proxy.reset_counters()
     start = time.perf_counter()
-    batches = [count(batch) for batch in loader]
+    batches = [keys(batch) for batch in loader]
     seconds = time.perf_counter() - start
     images = sum(len(batch) for batch in batches)
     return Pass(images, seconds, proxy.requests, proxy.bytes_sent, image_bytes(batches))
@@ -195,16 +202,17 @@ def train_reader():
     return build_pipeline(load_config(None, ["data.pipeline=tensor", "data.augment_on=workers"]), "cpu").train.reader
 
 
-def data_config(cache_dir: str, cache_gb: float, window: int):
+def data_config(cache_dir: str, cache_gb: float, args):
     from mambaout.config import load_config
 
-    return load_config(None, ["data.shuffle=window", f"data.shuffle_window={window}", f"data.cache_dir={cache_dir}",
-                              f"data.cache_limit_gb={cache_gb}"]).data
+    ahead = [] if args.read_ahead is None else [f"data.read_ahead_steps={args.read_ahead}"]
+    return load_config(None, ["data.shuffle=window", f"data.shuffle_window={args.window}", f"data.num_workers={args.workers}",
+                              f"data.cache_dir={cache_dir}", f"data.cache_limit_gb={cache_gb}", *ahead]).data
 
 
-def window_gb(sizes: list[int], window: int) -> float:
-    """GiB of the largest ``window`` shards, and 5% more."""
-    return sum(sorted(sizes, reverse=True)[:window]) * 1.05 / 2**30
+def window_gb(sizes: list[int], window: int, windows: float) -> float:
+    """GiB of ``windows`` times the largest ``window`` shards."""
+    return sum(sorted(sizes, reverse=True)[:window]) * windows / 2**30
 
 
 class Bench:
@@ -221,46 +229,50 @@ class Bench:
         self.urls = {form: f"s3://{BUCKET}/{form}" for form in ("wds", "parquet")}
         with tempfile.TemporaryDirectory() as cache:
             shards = {form: open_source(form, url, "train", cache_dir=cache) for form, url in self.urls.items()}
-        self.cache_gb = {form: window_gb(source.index.shard_sizes, args.window) for form, source in shards.items()}
-        self.shuffle = WindowShuffle(shards["wds"].shard_lengths, args.window)
+        self.cache_gb = {form: window_gb(source.index.shard_sizes, args.window, args.cache_windows)
+                         for form, source in shards.items()}
+        # each format's windows are its own files' (a window of tars is not one of parquet files); the folder
+        # reads in the tars' order
+        self.shuffles = {form: WindowShuffle(source.shard_lengths, args.window) for form, source in shards.items()}
         self.http_root = f"{proxy.endpoint}/{BUCKET}/wds"
 
-    def sampler(self, epoch: int):
+    def sampler(self, epoch: int, form: str = "wds"):
         from mambaout.data.sampling import MicroBatchSampler
 
-        return MicroBatchSampler(len(self.folder), BATCH, BATCH, 1, [0], SEED, epoch=epoch, shuffle=self.shuffle)
+        return MicroBatchSampler(len(self.folder), BATCH, BATCH, 1, [0], SEED, epoch=epoch,
+                                 shuffle=self.shuffles[form])
 
     def loader(self, dataset, batches):
         from torch.utils.data import DataLoader
 
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.args.workers)
 
-    def ours(self, source, batches) -> Pass:
+    def dataset(self, source):
         from mambaout.data.datasets import ImageDataset
 
-        loader = self.loader(ImageDataset(source, self.reader, replace_bad=True), batches)
-        result = timed(loader, self.proxy, lambda batch: batch["index"].tolist(),
-                       lambda batches: sum(self.sizes[i] for batch in batches for i in batch))
-        if source is self.folder:  # no request; it read each image's file, whole: exactly the image bytes
+        return ImageDataset(source, self.reader, replace_bad=True)
+
+    def ours(self, dataset, batches) -> Pass:
+        result = timed(self.loader(dataset, batches), self.proxy, lambda batch: batch["index"].tolist(),
+                       lambda indices: sum(self.sizes[i] for batch in indices for i in batch))
+        if dataset.source is self.folder:  # no request; it read each image's file, whole: exactly the image bytes
             result.bytes = 1.0
         return result
 
     def run(self, name: str, epoch: int) -> Pass:
         if name == "folder":
-            return self.ours(self.folder, self.sampler(epoch))
+            return self.ours(self.dataset(self.folder), self.sampler(epoch))
         if name == "timm wds":
             return self.timm(epoch)
         return self.planned(name.split()[1], epoch)
 
     def planned(self, form: str, epoch: int) -> Pass:
-        from mambaout.data.datasets import ImageDataset
         from mambaout.data.sources import open_source, plan_reads, source_options
 
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
-            data = data_config(cache, self.cache_gb[form], self.args.window)
-            source = open_source(form, self.urls[form], "train", **source_options(data))
-            batches = plan_reads(ImageDataset(source, self.reader), self.sampler(epoch), data, host_shard_ids=[0])
-            return self.ours(source, batches)
+            data = data_config(cache, self.cache_gb[form], self.args)
+            dataset = self.dataset(open_source(form, self.urls[form], "train", **source_options(data)))
+            return self.ours(dataset, plan_reads(dataset, self.sampler(epoch, form), data, host_shard_ids=[0]))
 
     def timm(self, epoch: int) -> Pass:
         import timm.data
@@ -275,14 +287,13 @@ class Bench:
         loader = DataLoader(dataset, batch_size=BATCH, num_workers=self.args.workers)
         mean_size = statistics.fmean(self.sizes)
         return timed(loader, self.proxy, lambda batch: batch[1].tolist(),
-                     lambda batches: sum(map(len, batches)) * mean_size)
+                     lambda targets: sum(map(len, targets)) * mean_size)
 
     def warm_up(self) -> None:
         """Every folder file into the page cache; a few untimed folder batches (imports, decoders)."""
         for path, _ in self.folder.samples:
             Path(path).read_bytes()
-        batches = list(self.sampler(-1))[:2 * self.args.workers]
-        self.ours(self.folder, batches)
+        self.ours(self.dataset(self.folder), list(self.sampler(-1))[:2 * self.args.workers])
 
 
 def benchmark(args) -> int:
@@ -356,7 +367,7 @@ def train_once(name: str, root: Path, work: Path, proxy) -> tuple[float, float, 
     start = time.perf_counter()
     with open(output.with_suffix(".log"), "w") as log:
         done = subprocess.run([sys.executable, "train.py", "--config", QUICKSTART_CONFIG, *overrides], cwd=REPO,
-                              env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT)
+                              env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT, check=False)
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"train.py ({name}) exited with {done.returncode}; its log: {output.with_suffix('.log')}\n"
@@ -397,6 +408,10 @@ def main(argv=None) -> int:
     parser.add_argument("--window", type=int, default=4, help="shards per shuffle window (default 4)")
     parser.add_argument("--shard-mb", type=float, default=16.0, help="largest shard in MB (default 16)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--cache-windows", type=float, default=1.05,
+                        help="data.cache_limit_gb in shuffle windows (their --window largest shards; default 1.05)")
+    parser.add_argument("--read-ahead", type=int, default=None,
+                        help="data.read_ahead_steps (default: the config's default)")
     parser.add_argument("--keep", type=Path, metavar="DIR", help="make (or reuse) the data in DIR, and keep it")
     parser.add_argument("--quickstart", action="store_true",
                         help="train the quickstart from the folder and from S3 shards instead")

@@ -67,25 +67,37 @@ def test_s3_shards_give_the_folder_run_in_few_requests(s3, image_root, tmp_path)
     assert s3.requests <= 0.5 * (48 + 21), s3.requests
 
 
-def test_a_job_killed_while_reading_from_s3_resumes_bit_identically(s3, tmp_path):
-    def command(out: Path) -> list[str]:
-        return train_command(1, overrides("s3://data/wds", out, tmp_path / "cache", **RUN, **{"data.format": "wds"}))
-
+def interrupted(command, tmp_path: Path, step: int, interrupt) -> tuple[Job, Path]:
+    """Runs ``command(folder)`` to its end in ``tmp_path/reference``, then in ``tmp_path/run`` until step ``step``'s
+    checkpoint exists, where ``interrupt(job)`` stops it."""
     status, output = run_job(command(tmp_path / "reference"), tmp_path / "reference.log")
     assert status == 0, output[-4000:]
     out = tmp_path / "run"
-    job = Job(command(out), tmp_path / "killed.log")
+    job = Job(command(out), tmp_path / "interrupted.log")
     try:
-        wait_until((out / "checkpoints" / "step_00000004.pth").exists, "step 4's checkpoint", (job,))
-        job.kill()
+        wait_until((out / "checkpoints" / f"step_{step:08d}.pth").exists, f"step {step}'s checkpoint", (job,))
+        interrupt(job)
     finally:
         job.close()
-    assert job.proc.returncode == -signal.SIGKILL
+    return job, out
+
+
+def assert_resumes_as_the_reference(command, tmp_path: Path, out: Path) -> None:
+    """The same command resumes at the newest checkpoint and ends as the uninterrupted run, bit for bit."""
     newest = max(checkpoints(out))
     status, output = run_job(command(out), tmp_path / "resumed.log")
     assert status == 0, output[-4000:]
     assert resumed_at(output, out) == newest
     assert_same_run(tmp_path / "reference", out)
+
+
+def test_a_job_killed_while_reading_from_s3_resumes_bit_identically(s3, tmp_path):
+    def command(out: Path) -> list[str]:
+        return train_command(1, overrides("s3://data/wds", out, tmp_path / "cache", **RUN, **{"data.format": "wds"}))
+
+    job, out = interrupted(command, tmp_path, 4, lambda job: job.kill())
+    assert job.proc.returncode == -signal.SIGKILL
+    assert_resumes_as_the_reference(command, tmp_path, out)
 
 
 def test_storage_gone_stops_the_run_with_one_message_and_the_rerun_resumes(s3, tmp_path):
@@ -94,28 +106,20 @@ def test_storage_gone_stops_the_run_with_one_message_and_the_rerun_resumes(s3, t
     def command(out: Path) -> list[str]:
         return train_command(1, overrides("s3://data/wds", out, tmp_path / f"{out.name}-cache", **settings))
 
-    status, output = run_job(command(tmp_path / "reference"), tmp_path / "reference.log")
-    assert status == 0, output[-4000:]
-    out = tmp_path / "run"
-    job = Job(command(out), tmp_path / "down.log")
-    try:
-        wait_until((out / "checkpoints" / "step_00000002.pth").exists, "step 2's checkpoint", (job,))
+    def storage_gone(job: Job) -> None:
         s3.pause()
-        status = job.wait()
-    finally:
-        s3.resume()
-        job.close()
+        try:
+            job.wait()
+        finally:
+            s3.resume()
+
+    job, out = interrupted(command, tmp_path, 2, storage_gone)
     message = [line for line in job.output.splitlines() if line.startswith("train.py: error:")]
-    assert status == STORAGE_UNREACHABLE_EXIT_CODE and len(message) == 1, job.output[-4000:]
+    assert job.proc.returncode == STORAGE_UNREACHABLE_EXIT_CODE and len(message) == 1, job.output[-4000:]
     assert "s3://data/wds/" in message[0] and "could not be read after 3 tries" in message[0], message
     assert "Traceback" not in job.output
-    saved = checkpoints(out)  # every checkpoint whole, the newest the one to resume from
-    assert 2 <= max(saved) < END and (out / "last.pth").exists()
-
-    status, output = run_job(command(out), tmp_path / "resumed.log")
-    assert status == 0, output[-4000:]
-    assert resumed_at(output, out) == max(saved)
-    assert_same_run(tmp_path / "reference", out)
+    assert 2 <= max(checkpoints(out)) < END and (out / "last.pth").exists()  # every checkpoint whole
+    assert_resumes_as_the_reference(command, tmp_path, out)
 
 
 def test_five_percent_of_requests_failing_changes_nothing_but_the_retry_count(s3, image_root, tmp_path):

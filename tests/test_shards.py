@@ -70,6 +70,30 @@ def test_a_url_root_is_read_through_the_cache_by_plan_the_same_with_0_or_2_worke
     assert ranges and not [path for path in ranges if path.name.endswith(".part")]  # fetched ahead, no claim left
 
 
+def test_the_plan_fetches_each_window_once_within_a_cache_of_two_windows(shard_roots, tmp_path, monkeypatch):
+    """Window shuffle over tars at a file:// URL, a cache of ~2.2 windows: every byte comes from the plan's threads,
+    each range once (the planner holds back a window the cache cannot hold yet, and a trim never evicts a range
+    the plan still awaits); the loop's reads all hit the cache."""
+    import threading
+
+    from mambaout.data.sources.shards import ShardSource
+
+    fetched, real = [], ShardSource.fetch
+
+    def fetch(self, shard: int, start: int, end: int) -> bytes:
+        fetched.append((threading.current_thread().name, self.index.split, shard, start))
+        return real(self, shard, start, end)
+
+    monkeypatch.setattr(ShardSource, "fetch", fetch)
+    window_bytes = 3 * max((shard_roots["wds"] / f"train-{i:06d}.tar").stat().st_size for i in range(10))
+    run(f"file://{shard_roots['wds']}", tmp_path / "run", "wds", **{
+        "data.shuffle": "window", "data.shuffle_window": 3, "data.cache_limit_gb": 2.2 * window_bytes / 2**30,
+        "train.max_steps": 12, "sched.epochs": 2})
+    train_reads = [(thread, shard, start) for thread, split, shard, start in fetched if split == "train"]
+    assert train_reads and all(thread.startswith("mambaout-read") for thread, _, _ in train_reads), train_reads
+    assert len(train_reads) <= 2 * 10  # each of the 10 tars once an epoch at most, in one request
+
+
 def weights_of_folder_run(shard_roots, tmp_path) -> dict[str, torch.Tensor]:
     run(shard_roots["folder"], tmp_path / "folder", "folder", **{"data.pipeline": "tensor"})
     return weights(tmp_path / "folder")

@@ -85,7 +85,8 @@ def plan_reads(dataset, batch_sampler, data, *, host_shard_ids: Sequence[int] | 
     if not (plans and isinstance(source, ShardSource) and source.cache is not None and data.read_ahead_steps):
         return batch_sampler
     planner = Planner(source, Fetcher(source, data.read_threads), data.read_ahead_steps,
-                      gap_bytes=int(data.read_gap_mb * 2**20), request_bytes=int(data.read_request_mb * 2**20))
+                      gap_bytes=int(data.read_gap_mb * 2**20), request_bytes=int(data.read_request_mb * 2**20),
+                      workers=data.num_workers)
     if host_shard_ids is None:
         return PlannedEvalBatches(batch_sampler, planner)
     return PlannedTrainBatches(batch_sampler, planner, host_shard_ids)

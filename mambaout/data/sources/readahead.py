@@ -10,6 +10,7 @@ nobody planned is fetched by the worker that needs it.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -70,7 +71,7 @@ class Fetcher:
         samples themselves, meeting the error where it counts (an unreadable image, or the run's stop)."""
         url = self.source.shard_url(shard)
         try:
-            data = self.source.store.read_range(self.source.index.shards[shard], start, end)
+            data = self.source.stored_form(shard, start, end, self.source.fetch(shard, start, end))
         except Exception as error:  # noqa: BLE001 - the plan only loses its head start
             self.source.cache.release(url, start, end)
             if not self._warned.is_set():
@@ -81,12 +82,21 @@ class Fetcher:
 
 
 class Planner:
-    """Plans the reads of a sequence of units (each a list of sample indices) ``ahead`` units in advance."""
+    """Plans the reads of a sequence of units (each a list of sample indices) ``ahead`` units in advance, as far as
+    the cache holds them (``budget_bytes``)."""
 
     def __init__(self, source: ShardSource, fetcher: Fetcher, ahead: int, gap_bytes: int,
-                 request_bytes: int) -> None:
+                 request_bytes: int, workers: int) -> None:
         self.source, self.fetcher, self.ahead = source, fetcher, ahead
-        self.gap_bytes, self.request_bytes = gap_bytes, request_bytes
+        # How far the DataLoader runs ahead of the batches its workers read (prefetch_factor 2 per worker): the
+        # plan keeps a unit's ranges until the sampler is that far past it.
+        self.lag_batches = 2 * workers + 1
+        # A parquet request is one row group's image column, which the cache keeps decoded: never merged.
+        self.gap_bytes = -1 if source.index.format == "parquet" else gap_bytes
+        self.request_bytes = request_bytes
+        # Units planned beyond what the cache holds would be fetched and evicted unread (a trim spares the ranges
+        # the plan awaits, so the rest of the cache goes first).
+        self.budget_bytes = source.cache.limit_bytes
 
     def requests(self, indices: Sequence[int]) -> list[tuple[int, int, int]]:
         index = self.source.index
@@ -101,17 +111,45 @@ class Planner:
 
 
 class Lookahead:
-    """Keeps the units up to ``current + ahead`` submitted; ``units`` yields the samples of units ``first``, ..."""
+    """Keeps the units up to ``current + ahead`` submitted while the units not yet read fit the planner's budget
+    (the current unit always goes): a unit is fetched later rather than fetched, evicted and fetched again.
+    ``units`` yields the samples of units ``first``, ``first + 1``, ..."""
 
     def __init__(self, planner: Planner, units: Iterator[Sequence[int]], first: int) -> None:
         self.planner, self.units, self.next_unit = planner, units, first
+        # (unit, bytes, requests) submitted and not read yet
+        self.held: collections.deque[tuple[int, int, list[tuple[int, int, int]]]] = collections.deque()
+        self.pending: tuple[list[tuple[int, int, int]], int] | None = None  # the next unit's requests and bytes
 
-    def advance_to(self, unit: int) -> None:
+    def advance_to(self, unit: int, reading: int | None = None) -> None:
+        """Units up to ``unit + ahead`` planned; the workers may still read unit ``reading`` (default ``unit``):
+        the units before it are done with, their ranges free to go."""
+        reading = unit if reading is None else reading
+        while self.held and self.held[0][0] < reading:
+            self.held.popleft()
+        self._publish_needed()
+        self._submit_up_to(unit)
+
+    def _publish_needed(self) -> None:
+        source = self.planner.source
+        source.cache.keep_needed([(source.shard_url(shard), start, end)
+                                  for _, _, requests in self.held for shard, start, end in requests])
+
+    def _submit_up_to(self, unit: int) -> None:
         while self.next_unit <= unit + self.planner.ahead:
-            indices = next(self.units, None)
-            if indices is None:
-                return
-            self.planner.fetcher.submit(self.planner.requests(indices))
+            if self.pending is None:
+                indices = next(self.units, None)
+                if indices is None:
+                    return
+                requests = self.planner.requests(indices)
+                self.pending = requests, sum(end - start for _, start, end in requests)
+            requests, size = self.pending
+            if self.next_unit > unit and sum(held for _, held, _ in self.held) + size > self.planner.budget_bytes:
+                return  # planned once the units before it are read
+            self.held.append((self.next_unit, size, requests))
+            self._publish_needed()  # before a fetcher thread puts (and trims)
+            self.planner.fetcher.submit(requests)
+            self.pending = None
             self.next_unit += 1
 
 
@@ -137,11 +175,13 @@ class PlannedTrainBatches:
         def unit_of_step(step: int) -> int:
             return int(np.searchsorted(bounds, step * sampler.global_batch_size, side="right") - 1)
 
-        first = unit_of_step(sampler.start_step)
+        def unit_of(position: int) -> int:  # of the position-th batch this sampler yields
+            return unit_of_step(sampler.start_step + max(position, 0) // sampler.accum_steps)
+
+        first = unit_of(0)
         lookahead = self.planner.run_ahead(self._host_units(bounds, first), first)
         for position, batch in enumerate(sampler):
-            if position % sampler.accum_steps == 0:
-                lookahead.advance_to(unit_of_step(sampler.start_step + position // sampler.accum_steps))
+            lookahead.advance_to(unit_of(position), reading=unit_of(position - self.planner.lag_batches))
             yield batch
 
     def _unit_bounds(self) -> np.ndarray:
@@ -178,5 +218,5 @@ class PlannedEvalBatches:
         batches = list(self.sampler)
         lookahead = self.planner.run_ahead(iter(batches))
         for position, batch in enumerate(batches):
-            lookahead.advance_to(position)
+            lookahead.advance_to(position, reading=max(0, position - self.planner.lag_batches))
             yield batch

@@ -9,6 +9,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .cache import RangeCache
@@ -87,32 +88,54 @@ class ShardSource:
         if self.index.format == "parquet":
             data = self._parquet_image(index)
         else:
-            data = self.fetch(*self.byte_range(index))
+            data = self._cached_or_fetched(*self.byte_range(index))
         return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
 
-    def fetch(self, shard: int, start: int, end: int) -> bytes:
+    def _cached_or_fetched(self, shard: int, start: int, end: int) -> bytes:
         if self.cache is not None:
             data = self.cache.read(self._shard_urls[shard], start, end)
             if data is not None:
                 return data
+        return self.fetch(shard, start, end)
+
+    def fetch(self, shard: int, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of a shard from the store (one range request, retried)."""
         return self.store.read_range(self.index.shards[shard], start, end)
+
+    def stored_form(self, shard: int, start: int, end: int, data: bytes) -> bytes:
+        """What the host cache keeps of a fetched range: the bytes of a tar; the images of a parquet row group,
+        decoded once by the planner and packed so that workers read a row without decoding."""
+        if self.index.format != "parquet":
+            return data
+        group = int(self.index.row_group[np.flatnonzero((self.index.shard == shard) & (self.index.start == start))[0]])
+        return _parquet().packed_row_group(lambda a, b: data[a - start:b - start], self.index.shard_sizes[shard],
+                                           self._file_metadata(shard), group)
 
     def _parquet_image(self, index: int) -> bytes:
         shard, group, row = int(self.index.shard[index]), int(self.index.row_group[index]), int(self.index.row[index])
-        images = self._row_groups.get((shard, group))
-        if images is None:
-            parquet = _parquet()
-            if shard not in self._metadata:
-                self._metadata[shard] = parquet.metadata_from_footer(self.index.footers[shard])
-            images = parquet.row_group_images(lambda start, end: self.fetch(shard, start, end),
-                                      self.index.shard_sizes[shard], self._metadata[shard], group)
-            self._row_groups[(shard, group)] = images
-            while len(self._row_groups) > 2:  # a worker reads a row group's rows close together
-                self._row_groups.popitem(last=False)
-        data = images[row]
+        data = None
+        packed = self.cache.exact(self._shard_urls[shard], *self.byte_range(index)[1:]) if self.cache else None
+        if packed is not None:
+            data = _parquet().packed_row(packed, row)
+        if data is None:  # not planned, or evicted: this worker decodes the row group, and keeps the last two
+            images = self._row_groups.get((shard, group))
+            if images is None:
+                images = self._decode_row_group(shard, group, lambda start, end: self.fetch(shard, start, end))
+                self._row_groups[(shard, group)] = images
+                while len(self._row_groups) > 2:
+                    self._row_groups.popitem(last=False)
+            data = images[row]
         if not data:
             raise ValueError("the row holds no image bytes")
         return data
+
+    def _decode_row_group(self, shard: int, group: int, fetch) -> list[bytes | None]:
+        return _parquet().row_group_images(fetch, self.index.shard_sizes[shard], self._file_metadata(shard), group)
+
+    def _file_metadata(self, shard: int):
+        if shard not in self._metadata:
+            self._metadata[shard] = _parquet().metadata_from_footer(self.index.footers[shard])
+        return self._metadata[shard]
 
 
 def open_shards(format: str, root: str, split: str, *, cache_dir: str | None, cache_limit_gb: float,

@@ -28,6 +28,9 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 _VERSION_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "created")
 
 
+_INHERITED: list[Any] = []  # filesystems a forked process inherited (see Store.fs)
+
+
 class DataSourceError(RuntimeError):
     """The dataset cannot be read as configured: the message names the file or URL and the fix."""
 
@@ -85,6 +88,9 @@ class Store:
         """The filesystem, opened again in each process: fsspec's async filesystems (s3fs, gcsfs) are not
         fork-safe, and DataLoader workers are forked."""
         if self._fs_pid != os.getpid():
+            # The parent's copy is kept, never collected: closing its session would run on the parent's event
+            # loop, which does not exist here.
+            _INHERITED.append(self._fs)
             self._open()
         return self._fs
 
