@@ -210,8 +210,10 @@ def test_browser_upload_shows_the_models_top_classes(servers, run_checkpoint, up
         assert "Inference:" in browser.find_element(By.TAG_NAME, "body").text
 
         upload_and_submit(uploads["damaged"])
-        toast = wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]"))
-        assert "damaged.png cannot be read as an image" in toast[0].text
+        # the toast is in the page a moment before its text (seen on a loaded machine): wait for the text
+        toast = wait.until(lambda page: [element.text for element in
+                                         page.find_elements(By.CSS_SELECTOR, "[data-testid=toast-text]") if element.text])
+        assert "damaged.png cannot be read as an image" in toast[0]
 
         browser.get(servers["broken"])
         wait.until(lambda page: "could not be loaded" in page.find_element(By.TAG_NAME, "body").text)
