@@ -20,7 +20,6 @@ from .wds import build_wds_index, split_shards
 log = logging.getLogger(__name__)
 
 
-
 def _parquet():
     """The parquet reader, imported when used: pyarrow is the ``shards`` extra's, not every run's."""
     try:
