@@ -8,7 +8,6 @@ converted to (``scripts/make_shards.py`` keeps the folder's order), so the same 
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -18,8 +17,6 @@ from .folder import DatasetFormatError, DatasetNotFoundError, FolderSource, scan
 from .index import changed_shards
 from .shards import ShardSource, open_shards
 from .store import DataSourceError, ShardUnreachableError, is_url
-
-log = logging.getLogger(__name__)
 
 SHARD_FORMATS = ("wds", "parquet")
 
