@@ -255,6 +255,27 @@ def test_a_nonfinite_step_stops_the_run_before_it_reaches_the_weights(image_root
     assert_identical(held["ema"].module.state_dict(), last["state_dict_ema"], "EMA")
 
 
+def test_an_overflowing_fp16_step_with_a_nonfinite_loss_leaves_weights_and_step_count():
+    """The fp16 path's verdict (the loss scaler's found_inf joined with the agreed finite flag) on CPU's fused AdamW,
+    with a CPU GradScaler standing in for CUDA's: gradients that overflow under a non-finite loss, the usual pair,
+    leave the weights and the step count as they were. (The flags were summed to 2, and fused AdamW skips on
+    exactly 1: the weights became NaN, the step count -1.)"""
+    from mambaout.optim import create_optimizer
+    from mambaout.runtime import create_runtime
+
+    runtime = create_runtime("cpu")
+    runtime.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model = torch.nn.Linear(4, 2)
+    optimizer = create_optimizer(model, 1e-3, 0.05, 1e-8, (0.9, 0.999))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    runtime.backward(model(torch.full((1, 4), float("inf"))).sum())
+    runtime.unscale_and_clip(optimizer, list(model.parameters()), None)
+    applied = runtime.optimizer_step(optimizer, torch.tensor(False))
+    assert not bool(applied)
+    assert_identical(before, model.state_dict())
+    assert [int(state["step"]) for state in optimizer.state.values()] == [0, 0]
+
+
 def test_train_py_exits_3_naming_the_step_its_true_losses_and_the_last_good_checkpoint(image_root, uninterrupted,
                                                                                        tmp_path):
     """train.py with an infinite gradient under a finite loss at step 5: status 3 and an error naming step 5,

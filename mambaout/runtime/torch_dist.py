@@ -245,9 +245,10 @@ class TorchRuntime(Runtime):
         if self.scaler is None:
             return super().optimizer_step(optimizer, finite)
         # fp16: the scaler skips steps whose gradients overflowed (fused AdamW gets its found_inf); a non-finite
-        # loss joins that verdict, and the loss scale then shrinks as for an overflow.
+        # loss joins that verdict, and the loss scale then shrinks as for an overflow. The flag must stay 0 or 1:
+        # fused AdamW skips only on exactly 1, and overflow plus a non-finite loss (the usual pair) would make 2.
         found_inf = list(self.scaler._found_inf_per_device(optimizer).values())  # filled by unscale_
-        found_inf[0].add_((~finite).float())
+        torch.maximum(found_inf[0], (~finite).float(), out=found_inf[0])
         applied = torch.stack(found_inf).sum() == 0
         self.scaler.step(optimizer)
         self.scaler.update()
