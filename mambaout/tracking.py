@@ -163,11 +163,16 @@ class RunFolder:
             writer.writerow({k: _format(row.get(k)) for k in columns})
 
     def _scalars(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
+        if not self.enabled or self._writer is False:
             return
         if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:  # tensorboard not installed: the CSV logs carry the run alone
+                log.warning("TensorBoard logging is off (%s); steps.csv and metrics.csv have every row. "
+                            "pip install tensorboard to get it back", error)
+                self._writer = False
+                return
             self._writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge_step)
         for tag, value in values.items():
             if isinstance(value, (int, float)) and value is not None:
@@ -175,7 +180,7 @@ class RunFolder:
         self._writer.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._writer:
             self._writer.close()
 
 

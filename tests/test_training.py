@@ -6,12 +6,14 @@ import json
 import math
 import os
 import resource
+import sys
 
 import pytest
 import torch
 import yaml
 
 from conftest import tiny_overrides
+from helpers import read_csv
 from mambaout.checkpoint import load_training_checkpoint
 from mambaout.config import ConfigError, load_config, to_yaml
 from mambaout.optim import LrSchedule, create_optimizer
@@ -269,3 +271,15 @@ def test_a_log_row_that_spans_an_epoch_end_reports_the_rate_of_the_steps_it_time
     reporter.for_step(4, 0.1, None)([0.0, 0.0, 2.0, 1.0, 0.0])
     assert rows[0].step == 4 and rows[0].loss == 1.25  # the interval's 4 losses
     assert rows[0].img_per_s == 64 / 2.0  # one step timed, over its 2 s
+
+
+def test_a_run_without_tensorboard_installed_logs_to_its_csv_files(image_root, tmp_path, monkeypatch, caplog):
+    """TensorBoard missing from an environment: the run goes on with one warning, every row in steps.csv and
+    metrics.csv (it used to die at its first log row)."""
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # importing it raises ImportError
+    out = tmp_path / "run"
+    outcome = train(load_config(None, tiny_overrides(image_root, out)))
+    assert outcome.step == 3
+    assert len(read_csv(out / "steps.csv")) == 3 and read_csv(out / "metrics.csv")
+    assert not (out / "tensorboard").exists()
+    assert sum("TensorBoard logging is off" in record.message for record in caplog.records) == 1
