@@ -133,17 +133,11 @@ _SMOOTH_SIDE = torch.tensor(1.0) / torch.tensor(13.0)  # float32 divisions, as P
 _SMOOTH_CENTRE = torch.tensor(5.0) / torch.tensor(13.0)
 
 
-@functools.lru_cache(maxsize=8)
-def _smoothing_weights(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's weights on ``device``, copied once: a copy per batch would be a blocking host-to-device copy."""
-    return _SMOOTH_SIDE.to(device), _SMOOTH_CENTRE.to(device)
-
-
 def sharpness(x, args, matrix, fill, gather):
     """``ImageEnhance.Sharpness``: blend with ``ImageFilter.SMOOTH`` of the image (3x3, border pixels kept),
     summed in Pillow's order so the smoothed image is bit-identical to Pillow's."""
     values = x.to(torch.float32)
-    side, centre = _smoothing_weights(x.device)
+    side, centre = _SMOOTH_SIDE.to(x.device), _SMOOTH_CENTRE.to(x.device)
 
     def row(r: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
         return r[..., :-2] * side + r[..., 1:-1] * middle + r[..., 2:] * side
@@ -288,19 +282,11 @@ class Augmenter:
         self.fill = torch.tensor(fill, dtype=torch.uint8)
         self.erase_mode = erase_mode
         self.fixed_shapes = fixed_shapes
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """mean, std and fill on ``device``, copied once per device: a copy per batch is a blocking host-to-device
-        copy, which would stall the host behind the queued step."""
-        if device not in self._on_device:
-            self._on_device[device] = (self.mean.to(device), self.std.to(device), self.fill.to(device))
-        return self._on_device[device]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 ``(x / 255 - mean) / std``, the operations of ToTensor and Normalize."""
-        mean, std, _ = self.constants(images.device)
-        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+        device = images.device
+        return images.to(torch.float32).div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
 
     def __call__(self, images: torch.Tensor, plan: dict[str, torch.Tensor],
                  to_device: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -315,7 +301,7 @@ class Augmenter:
 
     # --- RandAugment ---------------------------------------------------------------------------------------
     def _rand_augment_grouped(self, x, plan, to_device):
-        fill = self.constants(x.device)[2]
+        fill = self.fill.to(x.device)
         ops = plan["ops"].tolist()
         natural = list(range(len(ops)))
         order = natural  # position in x -> sample
@@ -336,7 +322,7 @@ class Augmenter:
         return x
 
     def _rand_augment_masked(self, x, plan, to_device):
-        fill = self.constants(x.device)[2]
+        fill = self.fill.to(x.device)
         ops, args, matrices = (to_device(plan[key]) for key in ("ops", "args", "affine"))
         for layer in range(ops.shape[1]):
             for op_id, op in enumerate(OPS):
