@@ -125,9 +125,10 @@ class Lookahead:
         """Units up to ``unit + ahead`` planned; the workers may still read unit ``reading`` (default ``unit``):
         the units before it are done with, their ranges free to go."""
         reading = unit if reading is None else reading
-        while self.held and self.held[0][0] < reading:
-            self.held.popleft()
-        self._publish_needed()
+        if self.held and self.held[0][0] < reading:  # the needed ranges change only when a unit is done with
+            while self.held and self.held[0][0] < reading:
+                self.held.popleft()
+            self._publish_needed()
         self._submit_up_to(unit)
 
     def _publish_needed(self) -> None:

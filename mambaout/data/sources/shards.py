@@ -189,18 +189,22 @@ def load_index(store: Store, format: str, split: str, cache_folder: Path) -> Spl
 
 def _read_index(store: Store, name: str) -> SplitIndex | None:
     try:
-        return SplitIndex.from_bytes(store.read_bytes(name))
+        return _parsed(store.read_bytes(name), store.url(name))
     except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, OSError) as error:
-        log.warning("%s is not a readable index (%s); rebuilding it", store.url(name), error)
         return None
 
 
 def _read_local(path: Path) -> SplitIndex | None:
     try:
-        return SplitIndex.from_bytes(path.read_bytes())
+        return _parsed(path.read_bytes(), str(path))
     except FileNotFoundError:
         return None
-    except (ValueError, KeyError, OSError):
+
+
+def _parsed(data: bytes, where: str) -> SplitIndex | None:
+    """The index in ``data``, or None (with a warning) when it is not one this version reads: it is rebuilt."""
+    try:
+        return SplitIndex.from_bytes(data)
+    except (ValueError, KeyError, OSError) as error:
+        log.warning("%s is not a readable index (%s); rebuilding it", where, error)
         return None
