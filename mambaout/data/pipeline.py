@@ -60,8 +60,18 @@ class Pipeline:
     eval: Stage
 
     def describe(self) -> dict[str, str]:
-        """What the manifest records."""
-        return {"pipeline": self.name, "augment_on": self.augment_on}
+        """What the manifest records: the pipeline, where it augments, and what decodes its JPEGs (the tensor
+        pipelines: TorchCodec or torchvision, ``decode.jpeg_decoder``; timm: PIL)."""
+        info = {"pipeline": self.name, "augment_on": self.augment_on}
+        if self.name == "timm":
+            import PIL
+
+            info["jpeg_decoder"] = f"PIL {PIL.__version__}"
+        elif self.name != "synthetic":
+            from .decode import jpeg_decoder
+
+            info["jpeg_decoder"] = jpeg_decoder().label
+        return info
 
 
 def resolve(pipeline: str, augment_on: str, device: str) -> tuple[str, str]:
