@@ -4,6 +4,8 @@ Marked ``cuda``: skipped without a GPU, run by ``scripts/gpu_check.sh``.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,13 +21,28 @@ def needs_a_gpu():
         pytest.skip("needs a CUDA GPU")
 
 
+@pytest.fixture(scope="module")
+def jpeg_image_root(image_root, tmp_path_factory):
+    """image_root's images as JPEGs, so that the nvjpeg pipeline decodes them on the GPU."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("jpegs")
+    for png in image_root.rglob("*.png"):
+        target = root / png.relative_to(image_root).with_suffix(".jpg")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("RGB").save(target, quality=90)
+    return root
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("pipeline", ["timm", "tensor"])
-def test_no_host_sync_inside_a_training_step(image_root, tmp_path, monkeypatch, precision, pipeline):
+@pytest.mark.parametrize("pipeline", ["timm", "tensor", "nvjpeg"])
+def test_no_host_sync_inside_a_training_step(image_root, jpeg_image_root, tmp_path, monkeypatch, precision,
+                                             pipeline):
     """train.py's loop with Mixup/CutMix, drop path, EMA, clipping and 2 accumulation micro-steps, under
     ``torch.cuda.set_sync_debug_mode("error")`` from the end of step 2 to the last step: any operation that
     waits for the GPU (``.item()``, a host-made tensor copied synchronously, a host branch on a device value)
-    raises. Each step's report is still read, a step later, and the run logs every step."""
+    raises. Each step's report is still read, a step later, and the run logs every step. The nvjpeg pipeline
+    reads JPEGs, decoded on the GPU inside the guarded steps."""
     import csv
 
     import mambaout.trainer as trainer
@@ -44,12 +61,13 @@ def test_no_host_sync_inside_a_training_step(image_root, tmp_path, monkeypatch, 
                 torch.cuda.set_sync_debug_mode("default")
             elif state.step > 2:
                 guarded_steps.append(state.step)
-        return real_epoch(*args, hooks=trainer.TrainHooks(hooks.on_log, on_step_end, hooks.stop_requested),
+        return real_epoch(*args, hooks=dataclasses.replace(hooks, on_step_end=on_step_end),
                           max_steps=max_steps, **kwargs)
     monkeypatch.setattr(trainer, "train_one_epoch", epoch)
     out = tmp_path / "run"
     try:
-        trainer.train(load_config(None, tiny_overrides(image_root, out, **{
+        root = jpeg_image_root if pipeline == "nvjpeg" else image_root
+        trainer.train(load_config(None, tiny_overrides(root, out, **{
             "runtime.device": "cuda", "train.precision": precision, "data.pipeline": pipeline,
             "train.max_steps": 6, "train.ema": True, "optim.clip_grad": 1.0, "aug.mixup_alpha": 0.8,
             "aug.cutmix_alpha": 1.0, "data.num_workers": 2})))

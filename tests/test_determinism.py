@@ -42,6 +42,7 @@ def test_runtime_selects_and_records_deterministic_kernels():
 
     runtime = create_runtime("cpu")  # an earlier run's choice does not carry over
     assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert torch.backends.cudnn.benchmark  # the autotuner picks convolution kernels outside deterministic runs
     assert runtime.describe()["deterministic"] is False
 
 

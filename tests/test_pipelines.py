@@ -330,6 +330,30 @@ def test_nvjpeg_on_the_gpu_decodes_like_the_cpu(jpeg_root):
 
 
 @pytest.mark.cuda
+def test_nvjpeg_decoding_while_kernels_are_queued_equals_decoding_on_an_idle_gpu(jpeg_root):
+    """pytorch/vision#9606: the decoder allocates its outputs on the caller's stream and writes them from a
+    private stream that does not wait for it. Here blocks of the outputs' sizes are freed while a slow kernel
+    queued on the compute stream still fills them, then the batch is decoded through ``runtime.fenced``: the
+    pixels must equal those decoded on an idle GPU, every time."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from mambaout.data.decode import decode_jpegs_on
+    from mambaout.runtime import create_runtime
+
+    runtime = create_runtime("cuda")
+    jpegs = [read_bytes(str(p)) for p in sorted(jpeg_root.rglob("*.jpg"))]
+    idle = [image.cpu() for image in decode_jpegs_on(runtime.device, jpegs)]
+    for _ in range(20):
+        reused = [torch.empty(image.shape, dtype=torch.uint8, device=runtime.device) for image in idle]
+        torch.cuda._sleep(20_000_000)  # ~10 ms of queued work before the fills
+        for block in reused:
+            block.fill_(255)
+        del reused  # free again, while the fills are still queued
+        busy = runtime.fenced(lambda: decode_jpegs_on(runtime.device, jpegs))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(busy, idle))
+
+
+@pytest.mark.cuda
 def test_device_augmentation_on_the_gpu_equals_the_cpu(jpeg_root):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -361,3 +385,27 @@ def test_the_affine_sampling_grid_is_exact_whatever_matmul_precision_allows():
     finally:
         torch.set_float32_matmul_precision(previous)
     assert (grid[0].double() - exact).abs().max().item() * 112 < 1e-3  # pixels
+
+
+def test_the_augmentations_device_constants_are_not_copied_per_batch(monkeypatch):
+    """mean, std and the fill colour go to an eager device once (a copy per batch is a blocking host-to-device
+    copy on CUDA: a host sync per batch), and the smoothing kernel is two Python numbers. Counted here as
+    ``Tensor.to(device)`` calls on those constants over three batches of normalising and sharpening."""
+    augmenter = A.Augmenter((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), (124, 116, 104), "pixel")
+    constants = {id(tensor) for tensor in (augmenter.mean, augmenter.std, augmenter.fill)}
+    moved, real_to = [], torch.Tensor.to
+
+    def counting_to(tensor, *args, **kwargs):
+        if id(tensor) in constants and ("device" in kwargs or any(isinstance(a, (torch.device, str)) for a in args)):
+            moved.append(id(tensor))
+        return real_to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    plan = {"ops": torch.full((2, 1), [op.__name__ for op in A.OPS].index("sharpness")),
+            "args": torch.full((2, 1), 1.5), "affine": torch.zeros(2, 1, 6), "erase": torch.zeros(2, 0, 4),
+            "noise": torch.zeros(2, dtype=torch.int64)}
+    for _ in range(3):
+        augmenter(images.clone(), plan, on_the_host)
+    assert sorted(moved) == sorted(constants)  # each once
+    assert isinstance(A._SMOOTH_SIDE, float) and isinstance(A._SMOOTH_CENTRE, float)

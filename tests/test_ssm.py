@@ -1,6 +1,8 @@
 """The portable selective scan against its definition, run step by step in float64."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -315,3 +317,45 @@ def test_a_mamba_twin_trains_alike_on_1_and_2_processes(image_root, tmp_path):
           f"steps 3-4 moved the weights by up to {moved:.3g}")
     assert difference < 1e-5 and moved > 100 * difference
     assert any(k.endswith("ssm.A_log") for k in one)
+
+
+def _fake_mamba_ssm(monkeypatch, selective_scan_fn):
+    """A mamba_ssm package whose kernel is ``selective_scan_fn``, in place of whatever is installed."""
+    import types
+
+    interface = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    interface.selective_scan_fn = selective_scan_fn
+    for name, module in (("mamba_ssm", types.ModuleType("mamba_ssm")), ("mamba_ssm.ops", types.ModuleType("ops")),
+                         (interface.__name__, interface)):
+        monkeypatch.setitem(sys.modules, name, module)
+    kernel_available.cache_clear()
+
+
+def test_a_mamba_ssm_whose_kernel_fails_is_not_used_and_warns_once(monkeypatch, caplog):
+    """An install built for another torch or CUDA imports and then fails at its first call: the kernel is tried
+    once, on a tiny scan, and the portable scan runs instead, with one warning."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    _fake_mamba_ssm(monkeypatch, broken)
+    try:
+        with caplog.at_level("WARNING", logger="mambaout.models.ssm"):
+            assert not kernel_available(torch.device("cpu")) and not kernel_available(torch.device("cpu"))
+        assert len(caplog.records) == 1 and "no kernel image" in caplog.records[0].getMessage()
+        _fake_mamba_ssm(monkeypatch, lambda u, *args, **kwargs: u)
+        assert kernel_available(torch.device("cpu"))
+        monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)  # a broken import
+        kernel_available.cache_clear()
+        with caplog.at_level("WARNING", logger="mambaout.models.ssm"):
+            assert not kernel_available(torch.device("cpu"))
+        assert "does not import" in caplog.records[-1].getMessage()
+    finally:
+        kernel_available.cache_clear()
+
+
+def test_the_chunk_is_the_devices():
+    from mambaout.models import ssm
+
+    assert ssm.chunk_for(torch.device("cpu")) == ssm.CHUNK_BY_DEVICE["cpu"] == 32
+    assert ssm.chunk_for(torch.device("cuda")) == ssm.CHUNK_BY_DEVICE["cuda"]
+    assert ssm.chunk_for(torch.device("meta")) == ssm.DEFAULT_CHUNK

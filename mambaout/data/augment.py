@@ -129,17 +129,19 @@ def brightness(x, args, matrix, fill, gather):
     return (x.to(torch.float32) * _per_sample(args)).clamp_(0, 255).to(torch.uint8)
 
 
-_SMOOTH_SIDE = torch.tensor(1.0) / torch.tensor(13.0)  # float32 divisions, as Pillow scales its kernel
-_SMOOTH_CENTRE = torch.tensor(5.0) / torch.tensor(13.0)
+# Pillow's kernel weights, divided in float32 as Pillow scales its kernel; kept as Python numbers (exact float32
+# values) so no per-batch tensor is copied to the device for them.
+_SMOOTH_SIDE = (torch.tensor(1.0) / torch.tensor(13.0)).item()
+_SMOOTH_CENTRE = (torch.tensor(5.0) / torch.tensor(13.0)).item()
 
 
 def sharpness(x, args, matrix, fill, gather):
     """``ImageEnhance.Sharpness``: blend with ``ImageFilter.SMOOTH`` of the image (3x3, border pixels kept),
     summed in Pillow's order so the smoothed image is bit-identical to Pillow's."""
     values = x.to(torch.float32)
-    side, centre = _SMOOTH_SIDE.to(x.device), _SMOOTH_CENTRE.to(x.device)
+    side, centre = _SMOOTH_SIDE, _SMOOTH_CENTRE
 
-    def row(r: torch.Tensor, middle: torch.Tensor) -> torch.Tensor:
+    def row(r: torch.Tensor, middle: float) -> torch.Tensor:
         return r[..., :-2] * side + r[..., 1:-1] * middle + r[..., 2:] * side
 
     total = 0.5 + row(values[..., 2:, :], side)
@@ -282,11 +284,23 @@ class Augmenter:
         self.fill = torch.tensor(fill, dtype=torch.uint8)
         self.erase_mode = erase_mode
         self.fixed_shapes = fixed_shapes
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mean, std and fill on ``device``. Eager devices keep one copy each: a copy per batch is a blocking
+        host-to-device copy on CUDA, a host sync that would stall the host behind the queued step. Traced devices
+        (``fixed_shapes``) copy per batch: there the copy is a graph input, and under XLA SPMD one tensor reused
+        by the training and evaluation graphs made a graph more."""
+        if self.fixed_shapes:
+            return self.mean.to(device), self.std.to(device), self.fill.to(device)
+        if device not in self._on_device:
+            self._on_device[device] = (self.mean.to(device), self.std.to(device), self.fill.to(device))
+        return self._on_device[device]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 ``(x / 255 - mean) / std``, the operations of ToTensor and Normalize."""
-        device = images.device
-        return images.to(torch.float32).div_(255).sub_(self.mean.to(device)).div_(self.std.to(device))
+        mean, std, _ = self._constants(images.device)
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
 
     def __call__(self, images: torch.Tensor, plan: dict[str, torch.Tensor],
                  to_device: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -301,7 +315,7 @@ class Augmenter:
 
     # --- RandAugment ---------------------------------------------------------------------------------------
     def _rand_augment_grouped(self, x, plan, to_device):
-        fill = self.fill.to(x.device)
+        fill = self._constants(x.device)[2]
         ops = plan["ops"].tolist()
         natural = list(range(len(ops)))
         order = natural  # position in x -> sample
@@ -322,7 +336,7 @@ class Augmenter:
         return x
 
     def _rand_augment_masked(self, x, plan, to_device):
-        fill = self.fill.to(x.device)
+        fill = self._constants(x.device)[2]
         ops, args, matrices = (to_device(plan[key]) for key in ("ops", "args", "affine"))
         for layer in range(ops.shape[1]):
             for op_id, op in enumerate(OPS):

@@ -77,12 +77,15 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _decode(sources: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
-    """Every source as a uint8 image on ``device``: JPEGs decoded there in one call, the rest copied."""
+def _decode(sources: list[torch.Tensor], runtime) -> list[torch.Tensor | None]:
+    """Every source as a uint8 image on the device: JPEGs decoded there in one call, fenced from the queued step
+    (nvJPEG writes from a stream of its own), the rest copied."""
+    device = runtime.device
     jpegs = [i for i, source in enumerate(sources) if source.dim() == 1]
     images: list[torch.Tensor | None] = [None if source.dim() == 1 else source.to(device, non_blocking=True)
                                          for source in sources]
-    for i, image in zip(jpegs, decode_jpegs_on(device, [sources[i] for i in jpegs])):
+    decoded = runtime.fenced(lambda: decode_jpegs_on(device, [sources[i] for i in jpegs]))
+    for i, image in zip(jpegs, decoded):
         images[i] = image
     return images
 
@@ -93,7 +96,7 @@ def decode_crop_augment(augmenter: Augmenter, size: int):
         device = runtime.device
         images = torch.zeros(len(batch[SOURCE]), 3, size, size, dtype=torch.uint8, device=device)
         crops = batch["crop"].tolist()
-        for i, (source, image) in enumerate(zip(batch[SOURCE], _decode(batch[SOURCE], device))):
+        for i, (source, image) in enumerate(zip(batch[SOURCE], _decode(batch[SOURCE], runtime))):
             if image is not None:  # a worker-decoded source is already cropped; None: undecodable, left blank
                 images[i] = image if source.dim() == 3 else crop_resize_flip(image, crops[i], size)
         images = augmenter(images, batch["plan"], runtime.to_device)
@@ -106,7 +109,7 @@ def decode_resize_normalize(augmenter: Augmenter, size: int, crop_pct: float, in
     def finish(batch: dict[str, Any], runtime) -> tuple[torch.Tensor, torch.Tensor]:
         device = runtime.device
         images = torch.zeros(len(batch[SOURCE]), 3, size, size, dtype=torch.uint8, device=device)
-        for i, image in enumerate(_decode(batch[SOURCE], device)):
+        for i, image in enumerate(_decode(batch[SOURCE], runtime)):
             if image is not None:
                 images[i] = resize_center_crop(image, size, crop_pct, interpolation)
         images = augmenter.normalize(images)

@@ -118,10 +118,10 @@ class FixedShapeMixup(Mixup):
             blend = 1.0
         # Every number one tensor, sent in one copy: XLA bakes Python numbers into the graph as constants, so each
         # lam and box would be a graph of its own. The weights are rounded from their Python floats, exactly as
-        # timm's scalars are; the box bounds are exact in float32. Not blocking: on CUDA a blocking copy would wait
-        # for the queued work.
+        # timm's scalars are; the box bounds are exact in float32. Pinned and not blocking: on CUDA a copy from
+        # pageable memory, blocking or not, would wait for the queued work.
         params = torch.tensor([blend, 1.0 - blend, lam, 1.0 - lam, top, bottom, left, right],
-                              dtype=torch.float32).to(x.device, non_blocking=True)
+                              dtype=torch.float32, pin_memory=x.is_cuda).to(x.device, non_blocking=True)
         weights, bounds = params[:4], params[4:]
         rows = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
         cols = torch.arange(x.shape[-1], device=x.device, dtype=torch.float32)

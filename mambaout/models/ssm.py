@@ -20,31 +20,48 @@ XLA compiles it.
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-DEFAULT_CHUNK = 32  # on 2 CPU cores at L = 3136 (scripts/benchmark_ssm.py): 0.32 s and 218 MiB; 16: 0.45 s
+_logger = logging.getLogger(__name__)
+
+CHUNK_BY_DEVICE = {
+    # on 2 CPU cores at L = 3136 (scripts/benchmark_ssm.py): 0.32 s and 218 MiB; 16: 0.45 s
+    "cpu": 32,
+    # not measured yet (no GPU has run it; scripts/gpu_check.sh's ssm-scan check times 32, 128 and 512): each
+    # chunk is ~6 kernel launches per doubling round, so chunks of 32 launch ~40k kernels per femto_ssm forward
+    # at 224 px; 128 cuts the chunks 4x for 2 more rounds, and one chunk's work stays well under 1 GB
+    "cuda": 128,
+}
+DEFAULT_CHUNK = 32  # other devices (XLA: its graphs unroll the chunks, and CI's compile counts are taken at 32)
 STEPWISE_DEVICES = {"cpu"}  # device types whose recurrence runs step by step (``_recurrence``)
+
+
+def chunk_for(device: torch.device) -> int:
+    """The portable scan's chunk length on ``device`` (``CHUNK_BY_DEVICE``)."""
+    return CHUNK_BY_DEVICE.get(device.type, DEFAULT_CHUNK)
 
 
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                    delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, chunk_size: int = DEFAULT_CHUNK,
+                   return_last_state: bool = False, chunk_size: int | None = None,
                    use_kernel: bool | None = None):
     """``u, delta, z``: (batch, D, L); ``A``: (D, N) real; ``B, C``: (batch, N, L); ``D, delta_bias``: (D,).
 
     Returns ``out`` (batch, D, L) in ``u``'s dtype, and the last state (batch, D, N) in fp32 (or float64) with
-    ``return_last_state``. ``use_kernel``: mamba_ssm's CUDA kernel (default: when it is installed and the tensors
-    are on CUDA); otherwise the portable chunked scan.
+    ``return_last_state``. ``use_kernel``: mamba_ssm's CUDA kernel (default: when it is installed, works, and the
+    tensors are on CUDA); otherwise the portable chunked scan, in chunks of ``chunk_size`` (default: the device's,
+    ``chunk_for``).
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if use_kernel is None:
-        use_kernel = u.is_cuda and kernel_available()
+        use_kernel = u.is_cuda and kernel_available(u.device)
     if use_kernel:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
@@ -56,7 +73,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         delta = delta + delta_bias.to(compute)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
-    y, last_state = _chunked_scan(u, delta, A, B, C, chunk_size)
+    y, last_state = _chunked_scan(u, delta, A, B, C, chunk_size or chunk_for(u.device))
     if D is not None:
         y = y + D.to(compute)[:, None] * u
     if z is not None:
@@ -65,9 +82,31 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     return (out, last_state) if return_last_state else out
 
 
-def kernel_available() -> bool:
-    """Whether mamba_ssm (the optional extra ``ssm-cuda``) is installed."""
-    return importlib.util.find_spec("mamba_ssm") is not None
+@torch.compiler.assume_constant_result  # decided once, before tracing: compiled graphs hold the choice
+@functools.lru_cache(maxsize=None)
+def kernel_available(device: torch.device = torch.device("cuda")) -> bool:
+    """Whether mamba_ssm's kernel (the optional extra ``ssm-cuda``) imports and runs on ``device``: tried once
+    per device on a tiny scan, since a build for another torch or CUDA imports, or even loads, and then fails at
+    its first call. When it does not, one warning, and the portable scan runs instead."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except ImportError as error:
+        if getattr(error, "name", None) != "mamba_ssm":  # installed but broken, not just absent
+            _logger.warning("mamba_ssm is installed but does not import (%s): the portable selective scan runs "
+                            "instead", error)
+        return False
+    except Exception as error:  # noqa: BLE001 - a binary built for another torch raises anything at load time
+        _logger.warning("mamba_ssm does not load (%s: %s): the portable selective scan runs instead",
+                        type(error).__name__, error)
+        return False
+    try:
+        ones = torch.ones(1, 2, 4, device=device)
+        selective_scan_fn(ones, ones, -torch.ones(2, 1, device=device), ones[:, :1], ones[:, :1])
+    except Exception as error:  # noqa: BLE001 - CUDA, ABI and shape errors alike mean: do not use it
+        _logger.warning("mamba_ssm's selective scan kernel fails on %s (%s: %s): the portable selective scan "
+                        "runs instead", device, type(error).__name__, error)
+        return False
+    return True
 
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:

@@ -168,6 +168,12 @@ class Runtime:
         """Hook for device-side prefetching (XLA's MpDeviceLoader); eager devices use the loader as is."""
         return loader
 
+    def fenced(self, work: Callable[[], Any]) -> Any:
+        """``work()``, whose kernels may write its output tensors from a stream of their own that does not wait
+        for the queued step (nvJPEG's decoder: pytorch/vision#9606), fenced from that step's memory. Devices
+        that run one stream need nothing."""
+        return work()
+
     # --- collectives ----------------------------------------------------------------------------------
     def sum_across(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over all processes (in place where possible); returns the result."""

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError
-from .base import DistributedRuntimeError, Runtime
+from .base import DistributedRuntimeError, Runtime, map_tensors
 
 
 def launched_by_torchrun() -> bool:
@@ -61,12 +61,14 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
 
 
 def select_kernels(deterministic: bool) -> None:
-    """Deterministic kernels (``runtime.deterministic``), or torch's defaults, whatever this process had set."""
+    """Deterministic kernels (``runtime.deterministic``), or the fastest, whatever this process had set."""
     if deterministic:
         # cuBLAS is bitwise reproducible only with a fixed workspace, read when its first handle is made; torch's
         # deterministic mode refuses matmuls without one. A value the user set stands.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.benchmark = False  # autotuning picks convolution kernels by timing them
+    # cuDNN's autotuner times the convolution kernels for each new shape and keeps the fastest: worth it for a
+    # training run's fixed shapes, but the timing picks kernels by chance, so never in deterministic runs.
+    torch.backends.cudnn.benchmark = not deterministic
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
 
@@ -95,6 +97,7 @@ class TorchRuntime(Runtime):
         # a step's report is read one step later on CUDA, so the host queues the next step meanwhile
         self.defer_reads = kind == "cuda" if defer_reads is None else defer_reads
         self._pending: list[tuple[Any, torch.Tensor, Any]] = []
+        self._fence_stream = None  # made on first use by ``fenced``
         self._failed = False
         if kind == "cuda":
             visible = torch.cuda.device_count()
@@ -231,6 +234,29 @@ class TorchRuntime(Runtime):
 
     def wrap_loader(self, loader):
         return _SideStreamPrefetch(loader, self.device) if self.kind == "cuda" else loader
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """On CUDA from pinned memory (pinned here if the loader did not pin it): a copy from pageable memory
+        waits for the stream's queued work first, a host sync per batch."""
+        if self.kind == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return super().to_device(tensor)
+
+    def fenced(self, work):
+        """On CUDA, ``work`` runs with a side stream current: its outputs are allocated from that stream's blocks,
+        never from blocks the compute stream freed while its kernels still use them (which a decoder writing
+        from a private stream would overwrite). The compute stream then waits for the side stream, and the
+        outputs are marked as used there. Events only: the host does not wait."""
+        if self.kind != "cuda":
+            return work()
+        if self._fence_stream is None:
+            self._fence_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._fence_stream):
+            result = work()
+        compute.wait_stream(self._fence_stream)
+        map_tensors(result, lambda tensor: tensor.record_stream(compute) if tensor.is_cuda else None)
+        return result
 
     def synchronize(self) -> None:
         if self.kind == "cuda":
