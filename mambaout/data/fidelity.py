@@ -141,7 +141,7 @@ def crop_resize_differences(images: Sequence[Image.Image], size: int, seed: int 
 
 
 def decode_differences(paths: Sequence[str]) -> Difference:
-    """``decode_rgb`` (libjpeg-turbo through torchvision) against PIL's decoding and RGB conversion."""
+    """``decode_rgb`` (libjpeg-turbo through TorchCodec or torchvision) against PIL's decoding and RGB conversion."""
     from .decode import read_bytes
 
     return _difference("decode", ((decode_rgb(read_bytes(path)), to_tensor(Image.open(path))) for path in paths))

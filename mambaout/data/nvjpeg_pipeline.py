@@ -2,11 +2,12 @@
 
 Workers only read the file's bytes, parse the JPEG header for the image size and draw the sample's plan
 (``plan.py``; the crop box needs nothing more). The main process then decodes the batch on the device
-(``torchvision.io.decode_jpeg(list, device=...)``), crops, resizes and flips each image there with the ``tensor``
-pipeline's function, and augments the batch with the same ``Augmenter``. Files nvJPEG cannot take (not JPEG,
-CMYK, a batch it refuses) are decoded on the CPU: in the worker (other formats, then cropped like the ``tensor``
-pipeline) or in the main process (``decode.decode_jpegs_on``'s fallback). Every step but the decode call runs
-on CPU tensors as well, which is how CI tests it.
+(``decode.decode_jpegs_on``: TorchCodec's or torchvision's ``decode_jpeg(list, device=...)``, fenced from the
+queued step), crops, resizes and flips each image there with the ``tensor`` pipeline's function, and augments
+the batch with the same ``Augmenter``. Files nvJPEG cannot take (not JPEG, CMYK, a batch it refuses) are
+decoded on the CPU: in the worker (other formats, then cropped like the ``tensor`` pipeline) or in the main
+process (``decode.decode_jpegs_on``'s fallback). Every step but the decode call runs on CPU tensors as well,
+which is how CI tests it.
 """
 from __future__ import annotations
 
