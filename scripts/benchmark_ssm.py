@@ -74,12 +74,15 @@ def main() -> int:
         return 0
     runs = [(int(chunk), False) for chunk in args.chunks.split(",")] + [(args.length, False)]
     if args.device.startswith("cuda"):
-        from importlib.util import find_spec
+        import torch
 
-        if find_spec("mamba_ssm") is not None:
+        from mambaout.models.ssm import kernel_available
+
+        if kernel_available(torch.device(args.device)):
             runs.append((0, True))
         else:
-            print("mamba_ssm is not installed: the kernel is not compared (pip install -e '.[ssm-cuda]')")
+            print("mamba_ssm's kernel is not installed or does not run here: not compared "
+                  "(pip install -e '.[ssm-cuda]')")
     full = args.batch * args.channels * args.length * args.states * 4 / 2**20
     print(f"selective scan, batch {args.batch}, L {args.length}, D {args.channels}, N {args.states}, "
           f"{args.device}: forward + backward (full tensor: {full:.0f} MiB)")
