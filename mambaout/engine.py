@@ -5,9 +5,10 @@ Both loops talk to the device only through a ``Runtime``; every random draw is k
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,9 @@ class TrainState:
 @dataclass
 class StepLog:
     """One row of steps.csv: the loss averaged over the optimizer steps since the previous row; lr and
-    gradient norm of the row's own step."""
+    gradient norm of the row's own step; the throughput and a step's seconds waiting for data (``data_s``) and
+    computing (``compute_s``: the rest of its wall time), over the steps of the row that this stretch of steps
+    timed (``StepClock``), so that ``data_s + compute_s = images per step / img_per_s``."""
 
     step: int
     epoch: int
@@ -64,6 +67,8 @@ class StepLog:
     loss: float
     grad_norm: float
     img_per_s: float
+    data_s: float
+    compute_s: float
 
 
 PrepareBatch = Callable[[dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
@@ -98,14 +103,82 @@ def mix_micro_batches(mixup, images: torch.Tensor, targets: torch.Tensor, seeds:
     return torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])
 
 
+_END = object()  # the end of a loader, for next()
+
+
+class StepClock:
+    """Where the loop's host time goes, on the host's clock alone (``time.perf_counter``: no device read, no
+    synchronisation). ``batches`` times each wait for the loader; ``lap`` closes an optimizer step: its data wait
+    (the waits for its micro-batches) and the rest of its wall time since the previous lap, its compute, so the two
+    add up to the step's wall time. Time spent ``outside`` the steps (the trainer's hooks: log rows, checkpoints)
+    counts in neither.
+
+    The host measures what it waits for: on CPU a step's compute is its computation; on CUDA, where the host
+    queues work ahead of the GPU, it is the host's time queuing the step plus its waits for the GPU (at the
+    deferred read of an earlier step's report), the GPU's pace over a few steps; on XLA, the time tracing the step
+    plus the wait for the previous step's graph to run, at its step closure."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        """A new stretch of steps (``run_steps``): the totals cleared, the first step timed from now."""
+        self.first_batch = 0.0  # the wait for the stretch's first batch (the loader's start-up included)
+        self.data = 0.0  # every wait for the loader in the stretch, the first batch's included
+        self._step_data = self._paused = 0.0
+        self._outside = 0
+        self._mark = time.perf_counter()
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """``loader``'s batches; the wait for each (``iter`` and ``next``, whatever the runtime's wrapper does in
+        them) counted as the current step's data wait. The first one's is also ``first_batch``."""
+        started = time.perf_counter()
+        batches = iter(loader)
+        first = True
+        while True:
+            batch = next(batches, _END)
+            waited = time.perf_counter() - started
+            self.data += waited
+            self._step_data += waited
+            if first:
+                self.first_batch, first = waited, False
+            if batch is _END:
+                return
+            yield batch
+            started = time.perf_counter()
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Time the steps do not count (a hook writing a log row or a checkpoint); nested uses count once."""
+        self._outside += 1
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._outside -= 1
+            if self._outside == 0:
+                self._paused += time.perf_counter() - started
+
+    def lap(self) -> tuple[float, float]:
+        """(data, compute) seconds of the optimizer step that ends now: its waits for the loader, and the rest of
+        the wall time since the previous lap (or the start), time ``outside`` the steps excluded."""
+        now = time.perf_counter()
+        wall = now - self._mark - self._paused
+        data = self._step_data
+        self._mark, self._step_data, self._paused = now, 0.0, 0.0
+        return data, max(wall - data, 0.0)
+
+
 @dataclass
 class TrainHooks:
     """How the trainer hears from the loop: a log row, the end of each optimizer step (periodic
-    checkpoints), and whether to stop at the next step boundary (preemption)."""
+    checkpoints), whether to stop at the next step boundary (preemption), and the clock of the loop's host time
+    (``clock.first_batch`` and ``clock.data`` after a stretch of steps)."""
 
     on_log: Callable[[StepLog], None] = lambda entry: None
     on_step_end: Callable[[], None] = lambda: None
     stop_requested: Callable[[], bool] = lambda: False
+    clock: StepClock = field(default_factory=StepClock)
 
 
 def classification_loss(criterion: nn.Module, runtime: Runtime, *, seed: int, mixup=None,
@@ -171,15 +244,26 @@ def run_steps(
     ``loader`` yields one batch per accumulation micro-step (``sampler.accum_steps`` per optimizer step),
     starting at an optimizer-step boundary. Returns True when it stopped early because a stop was requested on
     any process; every process stops at the same step.
+
+    ``hooks.clock`` times each step on the host (its data wait and compute, into its report: read with it, no
+    host sync added); the hooks' own time (log rows, checkpoints) is left out of the steps'.
     """
     model.train()
     accum_steps = sampler.accum_steps
     params = [p for p in model.parameters() if p.requires_grad]
     micro_losses: list[torch.Tensor] = []
     step_bad_images = torch.zeros((), dtype=torch.int64, device=runtime.device)
-    reporter = _StepReporter(state, skip_nonfinite, log_interval, max_steps, hooks.on_log, sampler.global_batch_size)
+    clock = hooks.clock
 
-    for micro_step, batch in enumerate(runtime.wrap_loader(loader)):
+    def on_log(entry: StepLog) -> None:
+        with clock.outside():
+            hooks.on_log(entry)
+
+    reporter = _StepReporter(state, skip_nonfinite, log_interval, max_steps, on_log, sampler.global_batch_size)
+    ema_tensors = EmaTensors(ema, runtime.unwrap(model)) if ema is not None else None
+    clock.start()
+
+    for micro_step, batch in enumerate(clock.batches(runtime.wrap_loader(loader))):
         accum_index = micro_step % accum_steps
         if accum_index == 0:
             schedule.set_step(state.step)
@@ -205,15 +289,18 @@ def run_steps(
                                        step_loss, grad_norm, step_bad_images)
         # the update, and the EMA's, are skipped on the device where the step is not finite: no host read here
         applied = runtime.optimizer_step(optimizer, finite)
-        if ema is not None:
-            update_ema(ema, runtime.unwrap(model), state.step + 1, applied)  # counted from 1, like timm
+        if ema_tensors is not None:
+            ema_tensors.update(state.step + 1, applied)  # counted from 1, like timm
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        runtime.after_step(reporter.for_step(state.step, optimizer.param_groups[0]["lr"], losses), report)
+        # the step ends once the host has issued it: its seconds travel with its report
+        times = clock.lap()
+        runtime.after_step(reporter.for_step(state.step, optimizer.param_groups[0]["lr"], losses, times), report)
         micro_losses.clear()
         step_bad_images = torch.zeros((), dtype=torch.int64, device=runtime.device)
         runtime.mark_step()
-        hooks.on_step_end()
+        with clock.outside():
+            hooks.on_step_end()
         if state.step == max_steps or reporter.stop_seen:
             runtime.read_pending()  # the last step's values, before the trainer evaluates or checkpoints
             return reporter.stop_seen
@@ -221,40 +308,56 @@ def run_steps(
     return False
 
 
-def update_ema(ema, model: nn.Module, step: int, applied: torch.Tensor) -> None:
-    """timm's EMA update (``ModelEmaV3``: lerp of the floating tensors towards the model's at its decay for
-    ``step``), with weight 0 where ``applied`` (a device bool) says the optimizer step was skipped: the decision
-    stays on the device."""
-    weight = (1.0 - ema.get_decay(step)) * applied.float()
-    averaged, current = [], []
-    for ema_value, value in zip(ema.module.state_dict().values(), model.state_dict().values()):
-        if ema_value.is_floating_point():
-            averaged.append(ema_value)
-            current.append(value)
-        else:
-            ema_value.copy_(value)
-    with torch.no_grad():
-        torch._foreach_lerp_(averaged, current, [weight] * len(averaged))
+class EmaTensors:
+    """The EMA's tensors paired with the model's, listed once (not two ``state_dict()`` per step): the floating
+    ones are averaged, the rest (integer buffers) copied."""
+
+    def __init__(self, ema, model: nn.Module) -> None:
+        self.ema = ema
+        self.averaged, self.current, self.copied, self.sources = [], [], [], []
+        for ema_value, value in zip(ema.module.state_dict().values(), model.state_dict().values()):
+            if ema_value.is_floating_point():
+                self.averaged.append(ema_value)
+                self.current.append(value)
+            else:
+                self.copied.append(ema_value)
+                self.sources.append(value)
+
+    def update(self, step: int, applied: torch.Tensor) -> None:
+        """timm's EMA update (``ModelEmaV3``: the floating tensors moved towards the model's by ``1 - decay``
+        for ``step``), with weight 0 where ``applied`` (a device bool) says the optimizer step was skipped: the
+        decision stays on the device. Written as three multi-tensor ops: a lerp with a tensor weight has no
+        multi-tensor kernel and would launch one kernel per tensor."""
+        weight = (1.0 - self.ema.get_decay(step)) * applied.float()
+        with torch.no_grad():
+            if self.copied:
+                torch._foreach_copy_(self.copied, self.sources)
+            moves = torch._foreach_sub(self.current, self.averaged)
+            torch._foreach_mul_(moves, weight)
+            torch._foreach_add_(self.averaged, moves)
 
 
-class _IntervalClock:
-    """Throughput since the clock started or its last reading, over the steps it has counted: a log row's interval
-    may have begun in the previous epoch (its losses carry over), but this clock only saw the steps since it
-    started."""
+class _IntervalTimes:
+    """The timed steps of a log row: throughput and mean seconds per step over the steps this stretch timed. A log
+    row's interval may have begun in the previous epoch (its losses carry over), but the steps of that stretch were
+    timed by its own clock, not this one."""
 
     def __init__(self, images_per_step: int) -> None:
         self.images_per_step = images_per_step
-        self.tick = time.perf_counter()
-        self.steps = 0
+        self.steps, self.data, self.compute = 0, 0.0, 0.0
 
-    def count_step(self) -> None:
+    def count_step(self, data: float, compute: float) -> None:
         self.steps += 1
+        self.data += data
+        self.compute += compute
 
-    def img_per_s(self) -> float:
-        now = time.perf_counter()
-        rate = self.images_per_step * self.steps / max(now - self.tick, 1e-9)
-        self.tick, self.steps = now, 0
-        return rate
+    def read(self) -> dict[str, float]:
+        """img_per_s, data_s and compute_s of the steps counted since the last reading."""
+        steps = max(self.steps, 1)
+        values = {"img_per_s": self.images_per_step * self.steps / max(self.data + self.compute, 1e-9),
+                  "data_s": self.data / steps, "compute_s": self.compute / steps}
+        self.steps, self.data, self.compute = 0, 0.0, 0.0
+        return values
 
 
 class _StepReporter:
@@ -267,16 +370,18 @@ class _StepReporter:
                  on_log: Callable[[StepLog], None], images_per_step: int) -> None:
         self.state, self.skip_nonfinite = state, skip_nonfinite
         self.log_interval, self.max_steps, self.on_log = log_interval, max_steps, on_log
-        self.clock = _IntervalClock(images_per_step)
+        self.times = _IntervalTimes(images_per_step)
         self.stop_seen = False
 
-    def for_step(self, step: int, lr: float, micro_losses: torch.Tensor) -> Callable[[list[float]], None]:
+    def for_step(self, step: int, lr: float, micro_losses: torch.Tensor,
+                 times: tuple[float, float]) -> Callable[[list[float]], None]:
+        """The report of ``step``; ``times``: its (data, compute) seconds from ``StepClock.lap``."""
         def report(values: list[float]) -> None:
             nonfinite, stop, loss, grad_norm, bad_images = values
             if nonfinite:
                 self._nonfinite(step, micro_losses, grad_norm)
             self.stop_seen = self.stop_seen or bool(stop)
-            self._record(step, lr, loss, grad_norm, bad_images, skipped=bool(nonfinite))
+            self._record(step, lr, loss, grad_norm, bad_images, times, skipped=bool(nonfinite))
         return report
 
     def _nonfinite(self, step: int, micro_losses: torch.Tensor, grad_norm: float) -> None:
@@ -290,10 +395,10 @@ class _StepReporter:
             "to skip such steps")
 
     def _record(self, step: int, lr: float, loss: float, grad_norm: float, bad_images: float,
-                skipped: bool = False) -> None:
+                times: tuple[float, float], skipped: bool = False) -> None:
         state = self.state
         state.bad_images += int(bad_images)
-        self.clock.count_step()
+        self.times.count_step(*times)
         state.interval_losses.append(loss)  # steps.csv shows a skipped step's loss as it was
         if not skipped:  # the epoch's mean is over the steps taken (one NaN would make it NaN)
             state.epoch_loss_sum += loss
@@ -301,7 +406,7 @@ class _StepReporter:
         if step % self.log_interval == 0 or step == self.max_steps:
             losses = state.interval_losses
             self.on_log(StepLog(step=step, epoch=state.epoch, lr=lr, loss=sum(losses) / len(losses),
-                                grad_norm=grad_norm, img_per_s=self.clock.img_per_s()))
+                                grad_norm=grad_norm, **self.times.read()))
             state.interval_losses = []
 
 

@@ -24,9 +24,14 @@ from typing import Any
 
 import torch
 
+# Where a row's wall time (``epoch_seconds``, since the previous row) went: the waits for the first batch of each
+# stretch of steps, the steps from their first batch on (of which waiting for data), evaluation, checkpoints, logging
+# (trainer.EpochTiming). They add up to epoch_seconds, up to the loop's own bookkeeping.
+EPOCH_TIME_COLUMNS = ("first_batch_s", "train_s", "data_wait_s", "eval_s", "checkpoint_s", "log_s")
 EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5", "ema_top1", "img_per_s",
-                 "epoch_seconds", "bad_images", "nonfinite_skips", "peak_memory_mib")
-STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "mfu", "read_retries")
+                 "epoch_seconds", *EPOCH_TIME_COLUMNS, "bad_images", "nonfinite_skips", "peak_memory_mib")
+# data_s, compute_s: seconds per step waiting for the loader and the rest of the step (engine.StepClock)
+STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "data_s", "compute_s", "mfu", "read_retries")
 LOCK_FILE = "run.lock"
 CURVES_ENV = "MAMBAOUT_CURVES"  # "off": no curves.png (about 0.3 s per evaluation on 2 CPU cores)
 _HELD_HERE: set[str] = set()  # ids of the locks this process holds

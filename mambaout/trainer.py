@@ -29,7 +29,8 @@ from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixu
 from .data.pipeline import Pipeline, build_pipeline
 from .data.sources import describe_data_change, plan_reads, shuffle_for, source_options
 from .data.sampling import derive_seed, with_drop_draws
-from .engine import NonFiniteLossError, StepLog, TrainHooks, TrainState, create_criterion, evaluate, train_one_epoch
+from .engine import (NonFiniteLossError, StepClock, StepLog, TrainHooks, TrainState, create_criterion, evaluate,
+                     train_one_epoch)
 from .models import create_model
 from .models.info import count_macs
 from .optim import LrSchedule, create_optimizer
@@ -178,7 +179,8 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
 
         def evaluate_and_log(timing: EpochTiming) -> bool:
             nonlocal final_eval
-            final_eval = _evaluate_epoch(model, ema, val_loader, runtime, prepare_eval)
+            with timing.part("eval"):
+                final_eval = _evaluate_epoch(model, ema, val_loader, runtime, prepare_eval)
             _log_epoch(run, state, optimizer, final_eval, cfg, timing, runtime.peak_memory_mib())
             score = final_eval["ema_top1" if cfg.eval.use_ema and ema is not None else "top1"]
             is_best = score > state.best_top1
@@ -228,17 +230,99 @@ class RunPlan:
 
 
 @dataclass(frozen=True)
-class EpochTiming:
-    """The stretch of steps an evaluation closes: when it started, the seconds spent training, the steps."""
+class EpochTimes:
+    """Where the wall time between two metrics.csv rows went (``EpochTiming.cut``), in seconds."""
 
-    start: float
-    train_seconds: float
-    steps: int
+    seconds: float  # the wall time since the previous row (or since the steps started)
+    steps: int  # optimizer steps taken meanwhile
+    first_batch: float  # waits for the first batch of each stretch of steps (the loader's start-up included)
+    train: float  # the steps, from their first batch on
+    data_wait: float  # of which waiting for the loader
+    eval: float
+    checkpoint: float  # checkpoint writes and the syncs before them
+    log: float  # step rows, the previous metrics row, TensorBoard, curves.png, the log lines
+    since: str  # what the time is counted from, in words
 
     @property
-    def seconds(self) -> float:
-        """Wall time up to now, the evaluation included."""
-        return time.perf_counter() - self.start
+    def train_seconds(self) -> float:
+        """The steps' wall time (the first batch's wait included; evaluation, checkpoints and logging excluded)."""
+        return self.first_batch + self.train
+
+    def img_per_s(self, images_per_step: int) -> float:
+        return self.steps * images_per_step / max(self.train_seconds, 1e-9)
+
+    def columns(self) -> dict[str, float]:
+        """metrics.csv's ``epoch_seconds`` and ``tracking.EPOCH_TIME_COLUMNS``."""
+        return {"epoch_seconds": self.seconds, "first_batch_s": self.first_batch, "train_s": self.train,
+                "data_wait_s": self.data_wait, "eval_s": self.eval, "checkpoint_s": self.checkpoint,
+                "log_s": self.log}
+
+    def summary(self) -> str:
+        """The one-line breakdown train.py prints with each metrics row."""
+        return (f"took {_secs(self.seconds)} s {self.since}: train {_secs(self.train)} (data wait "
+                f"{_secs(self.data_wait)}), first batch {_secs(self.first_batch)}, eval {_secs(self.eval)}, "
+                f"checkpoint {_secs(self.checkpoint)}, logging {_secs(self.log)}")
+
+
+def _secs(seconds: float) -> str:
+    return f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.2f}"
+
+
+class EpochTiming:
+    """Where a run's wall time goes, row by row of metrics.csv: each row accounts for the time since the previous
+    row was taken (``cut``), so the rows partition the run from its first step to its last evaluation. The parts:
+    the stretches of steps (``training``: their first batch, the steps, of which data waits, from the loop's
+    ``StepClock``) and what the trainer times itself (``part``: eval, checkpoint, log; nested parts count in the
+    innermost). A row is written before its checkpoint (a run killed in between writes it again), so the writing
+    of a row, the figure and the checkpoint after it count in the next row."""
+
+    PARTS = ("first_batch", "train", "data_wait", "eval", "checkpoint", "log")
+    _OUTSIDE_TRAIN = ("eval", "checkpoint", "log")
+
+    def __init__(self) -> None:
+        self._nested: list[float] = []  # per open part: the seconds of the parts opened inside it
+        self._since = "since the steps started"
+        self._begin(time.perf_counter())
+
+    def _begin(self, now: float) -> None:
+        self.start = now
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.steps = 0
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        """Counts the time inside as ``name`` (one of eval, checkpoint, log)."""
+        started = time.perf_counter()
+        self._nested.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            self.seconds[name] += elapsed - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += elapsed
+
+    @contextmanager
+    def training(self, clock: StepClock, state: TrainState) -> Iterator[None]:
+        """A stretch of steps, timed by ``clock`` (the loop's): its wall time less the parts timed inside it (log
+        rows, periodic checkpoints) is its first batch's wait and its steps'."""
+        started, step = time.perf_counter(), state.step
+        outside = sum(self.seconds[name] for name in self._OUTSIDE_TRAIN)
+        yield
+        wall = time.perf_counter() - started
+        inside = sum(self.seconds[name] for name in self._OUTSIDE_TRAIN) - outside
+        self.seconds["first_batch"] += clock.first_batch
+        self.seconds["train"] += wall - inside - clock.first_batch
+        self.seconds["data_wait"] += clock.data - clock.first_batch
+        self.steps += state.step - step
+
+    def cut(self) -> EpochTimes:
+        """The breakdown since the previous cut, for a metrics row; what follows counts towards the next."""
+        now = time.perf_counter()
+        times = EpochTimes(seconds=now - self.start, steps=self.steps, since=self._since, **self.seconds)
+        self._since = "since the last evaluation"
+        self._begin(now)
+        return times
 
 
 def run_epochs(plan: RunPlan, state: TrainState, sampler, runtime: Runtime, folder: CheckpointFolder, *,
@@ -247,32 +331,39 @@ def run_epochs(plan: RunPlan, state: TrainState, sampler, runtime: Runtime, fold
                ) -> bool:
     """The loop every training command runs: steps (``train_steps(hooks, stop_at)``, ``engine.run_steps`` with
     the task's loss) epoch by epoch until ``plan.total_steps``; an evaluation where the plan says
-    (``evaluate_and_log`` returns whether it is the best so far) followed by a checkpoint; periodic checkpoints;
-    preemption (SIGTERM/SIGINT) checkpointed at the next step boundary on every rank. Returns True when
-    preempted."""
+    (``evaluate_and_log`` returns whether it is the best so far; it times its evaluation as ``timing.part("eval")``
+    and takes its row's times with ``timing.cut()``) followed by a checkpoint; periodic checkpoints; preemption
+    (SIGTERM/SIGINT) checkpointed at the next step boundary on every rank. Returns True when preempted."""
+    timing = EpochTiming()
+
     def save(is_best: bool = False) -> None:
-        runtime.read_pending()  # the host state of every step taken so far goes into the checkpoint
-        state_to_save = payload()
-        if runtime.is_main:
-            folder.save(state_to_save, state.step, is_best=is_best)
-        runtime.barrier()
+        with timing.part("checkpoint"):
+            runtime.read_pending()  # the host state of every step taken so far goes into the checkpoint
+            state_to_save = payload()
+            if runtime.is_main:
+                folder.save(state_to_save, state.step, is_best=is_best)
+            runtime.barrier()
+
+    def log_step(entry: StepLog) -> None:
+        with timing.part("log"):
+            on_log(entry)
 
     def on_step_end() -> None:
         if plan.checkpoint_due(state.step):
             save()
 
     with _preemption_signals() as stop_requested:
-        hooks = TrainHooks(on_log=on_log, on_step_end=on_step_end, stop_requested=stop_requested)
+        hooks = TrainHooks(on_log=log_step, on_step_end=on_step_end, stop_requested=stop_requested)
         while state.step < plan.total_steps:
             state.start_epoch(state.step // plan.steps_per_epoch)
             sampler.set_epoch(state.epoch, start_step=state.step % plan.steps_per_epoch)
-            start, first_step = time.perf_counter(), state.step
             try:
-                preempted = train_steps(hooks, plan.stop_at(state.step))
+                with timing.training(hooks.clock, state):
+                    preempted = train_steps(hooks, plan.stop_at(state.step))
             except NonFiniteLossError as error:
                 raise NonFiniteLossError(f"{error}. Last good checkpoint: {folder.latest() or 'none yet'}") from None
             if plan.evaluated_after(state.step):  # also when preempted on an evaluation's step
-                save(evaluate_and_log(EpochTiming(start, time.perf_counter() - start, state.step - first_step)))
+                save(evaluate_and_log(timing))
             elif preempted:
                 save()
             if preempted:
@@ -293,7 +384,8 @@ def step_logger(run: RunFolder, plan: RunPlan, state: TrainState, runtime: Runti
         utilisation = mfu(entry.img_per_s)
         run.log_step({**vars(entry), "mfu": utilisation, **counters()})
         progress.update(entry.step - progress.done,
-                        f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s"
+                        f"loss {entry.loss:.4f} lr {entry.lr:.3g} {entry.img_per_s:.1f} img/s "
+                        f"data {entry.data_s:.3f}s compute {entry.compute_s:.3f}s"
                         + (f" MFU {100 * utilisation:.1f}%" if utilisation is not None else ""))
     return on_log
 
@@ -306,17 +398,21 @@ def data_counters(dataset) -> Callable[[], dict[str, int]]:
 
 def _log_epoch(run: RunFolder, state: TrainState, optimizer, result: dict[str, Any], cfg: Config,
                timing: EpochTiming, peak_memory_mib: float | None) -> None:
-    """A metrics.csv row: ``img_per_s`` is the training throughput (the evaluation excluded), ``epoch_seconds``
-    the epoch's wall time with its evaluation, ``peak_memory_mib`` the runtime's peak so far."""
-    run.log_epoch({
-        "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
-        "train_loss": state.epoch_loss, "eval_loss": result["loss"], "top1": result["top1"], "top5": result["top5"],
-        "ema_top1": result.get("ema_top1"),
-        "img_per_s": timing.steps * cfg.optim.global_batch_size / timing.train_seconds,
-        "epoch_seconds": timing.seconds, "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips,
-        "peak_memory_mib": peak_memory_mib})
-    log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f", state.epoch, state.step,
-             state.epoch_loss, result["top1"], result["top5"], result["loss"])
+    """A metrics.csv row and its log lines: ``img_per_s`` is the steps' throughput (evaluation, checkpoints and
+    logging excluded), ``epoch_seconds`` the wall time since the previous row and the ``*_s`` columns its parts
+    (``EpochTiming``), ``peak_memory_mib`` the runtime's peak so far."""
+    times = timing.cut()
+    with timing.part("log"):  # counts in the next row
+        run.log_epoch({
+            "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": state.epoch_loss, "eval_loss": result["loss"], "top1": result["top1"],
+            "top5": result["top5"], "ema_top1": result.get("ema_top1"),
+            "img_per_s": times.img_per_s(cfg.optim.global_batch_size), **times.columns(),
+            "bad_images": state.bad_images, "nonfinite_skips": state.nonfinite_skips,
+            "peak_memory_mib": peak_memory_mib})
+        log.info("epoch %d step %d: train loss %.4f, eval top-1 %.2f top-5 %.2f loss %.4f", state.epoch,
+                 state.step, state.epoch_loss, result["top1"], result["top5"], result["loss"])
+        log.info("epoch %d %s", state.epoch, times.summary())
 
 
 def _num_classes(cfg: Config, train_set) -> int:
@@ -489,7 +585,7 @@ def build_ema(model, cfg: Schema):
     from timm.utils import ModelEmaV3
 
     # timm gives its EMA a random generator on the model's device (for bf16 stochastic rounding, which
-    # engine.update_ema does not use), and XLA devices have none: the copy is made on the CPU, then moved.
+    # engine.EmaTensors does not use), and XLA devices have none: the copy is made on the CPU, then moved.
     ema = ModelEmaV3(model, decay=cfg.train.ema_decay, device=torch.device("cpu"))
     ema.module.to(next(model.parameters()).device)
     return ema

@@ -161,7 +161,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 # of the machine and the storage, not of the run
-MEASURED_COLUMNS = ("img_per_s", "mfu", "epoch_seconds", "peak_memory_mib", "read_retries")
+MEASURED_COLUMNS = ("img_per_s", "data_s", "compute_s", "mfu", "epoch_seconds", "first_batch_s", "train_s",
+                    "data_wait_s", "eval_s", "checkpoint_s", "log_s", "peak_memory_mib", "read_retries")
 
 
 def without_timing(path: Path) -> list[list[str]]:

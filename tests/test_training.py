@@ -169,6 +169,57 @@ def test_ema_is_evaluated_and_checkpointed(image_root, tmp_path):
         assert float(next(csv.DictReader(f))["ema_top1"]) >= 0
 
 
+def _ema_pair(device="cpu"):
+    from timm.utils import ModelEmaV3
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2)).to(device)
+    model.register_buffer("count", torch.tensor(0))
+    return model, ModelEmaV3(model, decay=0.9)
+
+
+def test_the_ema_update_is_timms_and_leaves_the_ema_where_the_step_was_skipped():
+    """engine.EmaTensors moves the EMA as timm's ModelEmaV3.update does (up to the rounding of a multiply-add),
+    copies integer buffers, and leaves everything as it was when the device flag says the step was skipped."""
+    from mambaout.engine import EmaTensors
+
+    model, ema = _ema_pair()
+    _, reference = _ema_pair()
+    reference.module.load_state_dict(ema.module.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+        model.count += 3
+    tensors = EmaTensors(ema, model)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    tensors.update(5, torch.tensor(False))
+    assert all(torch.equal(v, before[k]) for k, v in ema.module.state_dict().items() if k != "count")
+    tensors.update(5, torch.tensor(True))
+    reference.update(model, step=5)
+    for key, value in reference.module.state_dict().items():
+        torch.testing.assert_close(ema.module.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    assert ema.module.count.item() == 3
+
+
+@pytest.mark.cuda
+def test_the_ema_update_launches_a_few_multi_tensor_kernels_not_one_per_tensor():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from timm.utils import ModelEmaV3
+
+    from mambaout.engine import EmaTensors
+    from mambaout.models import create_model
+
+    model = create_model("mambaout_femto", num_classes=10).cuda()
+    tensors = EmaTensors(ModelEmaV3(model, decay=0.9), model)
+    applied = torch.tensor(True, device="cuda")
+    tensors.update(1, applied)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        tensors.update(2, applied)
+        torch.cuda.synchronize()
+    launches = sum(event.count for event in profile.key_averages() if event.device_type.name == "CUDA")
+    assert launches < len(tensors.averaged) / 4, launches
+
+
 @pytest.mark.parametrize("variant,drop_path", [("femto", 0.025), ("kobe", 0.025), ("tiny", 0.2), ("small", 0.4),
                                                ("base", 0.6)])
 def test_print_config_shows_the_published_recipe(variant, drop_path, capsys, monkeypatch):
@@ -256,21 +307,20 @@ def test_compiled_training_matches_eager_and_resumes_bit_exactly(image_root, tmp
         assert torch.equal(resumed["model"][key], compiled["model"][key]), key
 
 
-def test_a_log_row_that_spans_an_epoch_end_reports_the_rate_of_the_steps_it_timed(monkeypatch):
-    """A log interval's losses carry over an epoch end, but the new epoch's clock starts with it: the row's img/s
-    is the images of the steps since then over the time since then (it was 4x too high, counting the carried
-    steps over one step's time)."""
+def test_a_log_row_that_spans_an_epoch_end_reports_the_rate_of_the_steps_it_timed():
+    """A log interval's losses carry over an epoch end, but the new epoch's clock only timed the steps since it
+    started: the row's img/s is the images of those steps over their time (it was 4x too high, counting the carried
+    steps over one step's time), its data_s and compute_s their mean."""
     from mambaout import engine
 
-    now = iter([100.0, 102.0])  # the epoch's clock starts; the row is written 2 s later
-    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(now))
     state = engine.TrainState(step=3, interval_losses=[1.0, 1.0, 1.0])  # steps 1-3, in the previous epoch
     rows = []
     reporter = engine._StepReporter(state, skip_nonfinite=False, log_interval=4, max_steps=None,
                                     on_log=rows.append, images_per_step=64)
-    reporter.for_step(4, 0.1, None)([0.0, 0.0, 2.0, 1.0, 0.0])
+    reporter.for_step(4, 0.1, None, (0.5, 1.5))([0.0, 0.0, 2.0, 1.0, 0.0])  # 0.5 s data wait, 1.5 s compute
     assert rows[0].step == 4 and rows[0].loss == 1.25  # the interval's 4 losses
     assert rows[0].img_per_s == 64 / 2.0  # one step timed, over its 2 s
+    assert (rows[0].data_s, rows[0].compute_s) == (0.5, 1.5)
 
 
 def test_a_run_without_tensorboard_installed_logs_to_its_csv_files(image_root, tmp_path, monkeypatch, caplog):

@@ -21,7 +21,7 @@ from ..data import EvalBatchSampler, MicroBatchSampler, derive_seed
 from ..engine import MicroBatchLoss, TrainHooks, TrainState, run_steps
 from ..optim import create_optimizer
 from ..runtime import Runtime, runtime_from_config
-from ..tracking import RunFolder, RunLock
+from ..tracking import EPOCH_TIME_COLUMNS, RunFolder, RunLock
 from ..trainer import (HARMLESS_ON_RESUME, EpochTiming, RunPlan, announce, build_ema, build_loader, check_resumable,
                        checkpoint_payload, checkpoint_to_resume, command_main, record_provenance, restore,
                        run_epochs, same_config_without_checkpoint, step_logger)
@@ -52,7 +52,7 @@ class Task:
 
     def epoch_columns(self) -> tuple[str, ...]:
         return ("epoch", "step", "lr", "train_loss", *self.metrics, f"ema_{self.score}", "img_per_s",
-                "epoch_seconds", "nonfinite_skips", "peak_memory_mib")
+                "epoch_seconds", *EPOCH_TIME_COLUMNS, "nonfinite_skips", "peak_memory_mib")
 
 
 @dataclass
@@ -136,9 +136,11 @@ def finetune(cfg, task: Task, resume: str = "auto") -> FinetuneOutcome:
 
         def evaluate_and_log(timing: EpochTiming) -> bool:
             nonlocal final_eval
-            final_eval = task.evaluate(model, val_loader, runtime, val_set)
-            if ema is not None:
-                final_eval[f"ema_{task.score}"] = task.evaluate(ema.module, val_loader, runtime, val_set)[task.score]
+            with timing.part("eval"):
+                final_eval = task.evaluate(model, val_loader, runtime, val_set)
+                if ema is not None:
+                    final_eval[f"ema_{task.score}"] = task.evaluate(ema.module, val_loader, runtime,
+                                                                    val_set)[task.score]
             _log_evaluation(run, task, state, optimizer, final_eval, cfg, timing, runtime.peak_memory_mib())
             score = final_eval[task.score] or 0.0
             is_best = score > state.best_score
@@ -158,16 +160,18 @@ def finetune(cfg, task: Task, resume: str = "auto") -> FinetuneOutcome:
 
 def _log_evaluation(run: RunFolder, task: Task, state: TrainState, optimizer, result: dict[str, Any], cfg,
                     timing: EpochTiming, peak_memory_mib: float | None) -> None:
-    """A metrics.csv row (as train.py's: throughput without the evaluation, wall time with it) and a log line."""
-    run.log_epoch({
-        "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
-        "train_loss": state.epoch_loss, **result,
-        "img_per_s": timing.steps * cfg.optim.global_batch_size / timing.train_seconds,
-        "epoch_seconds": timing.seconds, "nonfinite_skips": state.nonfinite_skips,
-        "peak_memory_mib": peak_memory_mib})
-    shown = ", ".join(f"{name} {value:.2f}" for name, value in result.items() if value is not None)
-    log.info("%s: epoch %d step %d: train loss %.4f, %s", task.name, state.epoch, state.step, state.epoch_loss,
-             shown)
+    """A metrics.csv row (as train.py's: the steps' throughput, the wall time since the previous row and its parts)
+    and its log lines."""
+    times = timing.cut()
+    with timing.part("log"):  # counts in the next row
+        run.log_epoch({
+            "epoch": state.epoch, "step": state.step, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": state.epoch_loss, **result, "img_per_s": times.img_per_s(cfg.optim.global_batch_size),
+            **times.columns(), "nonfinite_skips": state.nonfinite_skips, "peak_memory_mib": peak_memory_mib})
+        shown = ", ".join(f"{name} {value:.2f}" for name, value in result.items() if value is not None)
+        log.info("%s: epoch %d step %d: train loss %.4f, %s", task.name, state.epoch, state.step, state.epoch_loss,
+                 shown)
+        log.info("%s: epoch %d %s", task.name, state.epoch, times.summary())
 
 
 def seed_draws(seed: int, step: int, micro_ids: list[int]) -> None:
