@@ -33,7 +33,11 @@ EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5
 # data_s, compute_s: seconds per step waiting for the loader and the rest of the step (engine.StepClock)
 STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "data_s", "compute_s", "mfu", "read_retries")
 LOCK_FILE = "run.lock"
-CURVES_ENV = "MAMBAOUT_CURVES"  # "off": no curves.png (about 0.3 s per evaluation on 2 CPU cores)
+CURVES_ENV = "MAMBAOUT_CURVES"  # "off": no curves.png (about 0.3 s per drawing on 2 CPU cores)
+# curves.png is redrawn at an evaluation at most this often (the first: this long after the start), and when the
+# run ends: a drawing takes ~0.3 s (the first ~0.6 s, matplotlib's import), as long as a whole epoch of the
+# quickstart; an ImageNet epoch is minutes, so every evaluation is drawn there.
+CURVES_EVERY_S = 30.0
 _HELD_HERE: set[str] = set()  # ids of the locks this process holds
 
 log = logging.getLogger("mambaout")
@@ -97,6 +101,8 @@ class RunFolder:
         self.epoch_columns = epoch_columns
         self._writer = None
         self._purge_step: int | None = None
+        self._curves_drawn_at = time.monotonic()  # of the last drawing (the first waits as long after the start)
+        self._curves_behind = False  # metrics.csv has rows the figure does not show yet
         if not enabled:
             return
         if not resume and holds_a_run(self.path):
@@ -120,11 +126,14 @@ class RunFolder:
     def log_epoch(self, row: dict[str, Any]) -> None:
         self._append_csv("metrics.csv", self.epoch_columns, row)
         self._scalars(row["step"], {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step")})
-        self._draw_curves()
+        self._curves_behind = True
+        if time.monotonic() - self._curves_drawn_at >= CURVES_EVERY_S:
+            self._draw_curves()
 
     def _draw_curves(self) -> None:
-        """``curves.png`` (mambaout.plots), redrawn at each evaluation where matplotlib is installed and
-        ``MAMBAOUT_CURVES`` is not ``off``. A figure is not worth a run: a plotting failure is a warning."""
+        """``curves.png`` (mambaout.plots), where matplotlib is installed and ``MAMBAOUT_CURVES`` is not ``off``.
+        A figure is not worth a run: a plotting failure is a warning."""
+        self._curves_drawn_at, self._curves_behind = time.monotonic(), False
         if (not self.enabled or os.environ.get(CURVES_ENV, "").lower() == "off"
                 or importlib.util.find_spec("matplotlib") is None):
             return
@@ -185,8 +194,11 @@ class RunFolder:
         self._writer.flush()
 
     def close(self) -> None:
+        """The end of the run: TensorBoard's events closed, curves.png drawn with every row."""
         if self._writer:
             self._writer.close()
+        if self._curves_behind:
+            self._draw_curves()
 
 
 def holds_a_run(path: Path) -> bool:

@@ -117,9 +117,12 @@ def test_grad_checkpointing_gives_same_gradients(keyed):
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
 
 
-def test_block_forms_compute_the_same_function():
+def test_block_forms_compute_the_same_function(monkeypatch):
     """The sliced (CPU) and dense (GPU) block formulations: same logits and gradients from the same weights,
-    'auto' taking the sliced one on a CPU; a form that does not exist is refused."""
+    'auto' taking the sliced one on a CPU from SLICED_MIN_ROWS rows on, the dense one below; a form that does
+    not exist is refused."""
+    from mambaout.models import mambaout as M
+
     ours = create_model('mambaout_femto', ls_init_value=0.5).train()  # LayerScale on: every parameter counts
     images = torch.randn(2, 3, 64, 64)
 
@@ -134,8 +137,12 @@ def test_block_forms_compute_the_same_function():
     torch.testing.assert_close(dense, sliced, rtol=1e-5, atol=1e-5)
     for key in sliced_grads:
         torch.testing.assert_close(dense_grads[key], sliced_grads[key], rtol=1e-4, atol=1e-6, msg=key)
-    assert torch.equal(auto, sliced) and all(torch.equal(auto_grads[k], sliced_grads[k]) for k in sliced_grads)
     assert not torch.equal(dense, sliced)  # two computations, not one
+    # 2 x 16 x 16 rows at most: below the CPU's SLICED_MIN_ROWS
+    assert torch.equal(auto, dense) and all(torch.equal(auto_grads[k], dense_grads[k]) for k in dense_grads)
+    monkeypatch.setitem(M.SLICED_MIN_ROWS, 'cpu', 0)
+    auto, auto_grads = run('auto')
+    assert torch.equal(auto, sliced) and all(torch.equal(auto_grads[k], sliced_grads[k]) for k in sliced_grads)
     with pytest.raises(ValueError, match="block form must be one of"):
         ours.set_block_form('fused')
 

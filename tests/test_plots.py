@@ -117,6 +117,24 @@ def test_curves_png_at_each_evaluation_never_fails_a_run(tmp_path, monkeypatch, 
     assert not (tmp_path / "quiet" / "curves.png").exists()
 
 
+def test_curves_png_is_drawn_at_most_every_30_s_and_at_the_end(tmp_path, monkeypatch):
+    """A drawing costs about as much as a quickstart epoch: evaluations seconds apart share one (the first waits
+    30 s from the start), and the run's end draws what the last drawing did not show."""
+    from mambaout import tracking
+
+    monkeypatch.delenv(CURVES_ENV, raising=False)
+    drawn, now = [], [1000.0]
+    monkeypatch.setattr(plots, "write_run_curves", lambda folder: drawn.append(now[0]))
+    monkeypatch.setattr(tracking.time, "monotonic", lambda: now[0])
+    run = RunFolder(tmp_path / "run", enabled=True)
+    for seconds in (3, 6, 35, 40, 66, 70):  # the evaluations' times since the start
+        now[0] = 1000.0 + seconds
+        run.log_epoch({"epoch": seconds, "step": seconds + 1, "top1": 1.0})
+    assert drawn == [1035.0, 1066.0]
+    run.close()
+    assert drawn == [1035.0, 1066.0, 1070.0]
+
+
 def test_plot_runs_script(tmp_path, capsys):
     log_run(tmp_path / "a" / "femto", range(1, 5), range(2))
     log_run(tmp_path / "b" / "femto", range(1, 3), range(0))

@@ -37,6 +37,12 @@ BLOCK_FORMS = ('auto', 'sliced', 'dense')
 # dense is the choice for the rest until scripts/benchmark_model.py --device cuda measures otherwise. XLA
 # fuses either into the same kind of graph and keeps the sliced form its tests were measured with.
 AUTO_BLOCK_FORM = {'cpu': 'sliced', 'xla': 'sliced', 'cuda': 'dense'}
+# Below this many rows (batch x height x width) in its GEMMs a block takes the dense form on these devices: the
+# sliced form's extra GEMMs cost more in per-op overhead than its saved copies. Measured on 2 CPU cores, fwd+bwd
+# of one block at batch 64 (scripts/benchmark_model.py gives the whole model): sliced/dense time 1.03-1.06
+# at 1024 and 4096 rows, 0.76-0.96 from 16384 rows on, for femto's widths 48-288. At 32 px (the quickstart) every
+# block is below it: the whole femto step 1.07x faster; from 64 px on, stage 1 stays sliced.
+SLICED_MIN_ROWS = {'cpu': 8192}
 
 # Name -> MambaOut(**settings). The first five are the paper's models, then timm's experiments, then the Mamba
 # twins of the paper's ablation (the SSM put back into every block; same depths and dims; no released weights).
@@ -147,7 +153,8 @@ class GatedConvBlock(nn.Module):
     - ``dense``: ``fc1`` as two contiguous row slices (the gates, then ``[i | c]``) and ``fc2`` as one GEMM over
       the concatenated gated output: fewer, larger GEMMs and fewer passes over the activations, for GPUs.
 
-    ``auto`` picks ``AUTO_BLOCK_FORM`` by the input's device (``scripts/benchmark_model.py`` measures both).
+    ``auto`` picks ``AUTO_BLOCK_FORM`` by the input's device, dense below ``SLICED_MIN_ROWS`` rows
+    (``scripts/benchmark_model.py`` measures both).
     """
 
     def __init__(
@@ -181,10 +188,18 @@ class GatedConvBlock(nn.Module):
         self.block_form = "auto"
 
     def forward(self, x: torch.Tensor, draw: torch.Tensor | None = None) -> torch.Tensor:
-        form = AUTO_BLOCK_FORM.get(x.device.type, "sliced") if self.block_form == "auto" else self.block_form
+        form = self._auto_form(x) if self.block_form == "auto" else self.block_form
         y = self.norm(x)
         out = self._sliced(y) if form == "sliced" else self._dense(y)
         return x + self.drop(self.ls(out.view_as(x)), draw)
+
+    @staticmethod
+    def _auto_form(x: torch.Tensor) -> str:
+        """``AUTO_BLOCK_FORM`` of the device, dense below its ``SLICED_MIN_ROWS``."""
+        form = AUTO_BLOCK_FORM.get(x.device.type, "sliced")
+        if form == "sliced" and x.numel() // x.shape[-1] < SLICED_MIN_ROWS.get(x.device.type, 0):
+            return "dense"
+        return form
 
     def _sliced(self, y: torch.Tensor) -> torch.Tensor:
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
