@@ -137,7 +137,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
             model.load_state_dict(saved["model"])
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
         if cfg.train.compile:
-            train_model = torch.compile(train_model)
+            train_model = runtime.compile(train_model)
         optimizer = create_optimizer(model, derived.lr, cfg.optim.weight_decay, cfg.optim.eps,
                                      tuple(cfg.optim.betas))
         ema = build_ema(model, cfg)

@@ -107,7 +107,7 @@ def finetune(cfg, task: Task, resume: str = "auto") -> FinetuneOutcome:
             model.load_state_dict(saved["model"])
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
         if cfg.train.compile:
-            train_model = torch.compile(train_model)
+            train_model = runtime.compile(train_model)
         optimizer = create_optimizer(model, derived.lr, cfg.optim.weight_decay, cfg.optim.eps,
                                      tuple(cfg.optim.betas))
         ema = build_ema(model, cfg)

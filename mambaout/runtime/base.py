@@ -26,6 +26,25 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return value
 
 
+def _on_device_state(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """The optimizer state tensors of ``param`` that live with it on its device."""
+    return [(key, value) for key, value in optimizer.state[param].items()
+            if isinstance(value, torch.Tensor) and value.device == param.device]
+
+
+def _host_step_rewind(optimizer: torch.optim.Optimizer) -> Callable[[list[float]], None]:
+    """The host side of a guarded step, run once its ``finite`` flag is read: a step that was not applied sets
+    the step counters kept on the host (Adam's bias correction) back by one."""
+    def rewind(values: list[float]) -> None:
+        if values[0]:
+            return
+        for param, state in optimizer.state.items():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor) and step.device != param.device:
+                step -= 1
+    return rewind
+
+
 class DistributedRuntimeError(RuntimeError):
     """Rendezvous or collective failure, with the address and rank that a user needs to fix it."""
 
@@ -132,6 +151,30 @@ class Runtime:
         finally:
             del optimizer.grad_scale, optimizer.found_inf
         return finite
+
+    def guarded_optimizer_step(self, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> torch.Tensor:
+        """``optimizer_step`` for devices whose optimizer cannot skip a step by itself: ``optimizer.step()``,
+        then parameters and the optimizer state on their device selected back where ``finite`` is False
+        (``torch.where``: no host sync), and step counters kept on the host set back once ``finite`` is read
+        (``after_step``). Costs a copy of the weights and optimizer state (in a lazy graph, only selects)."""
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        old_params = [p.detach().clone() for p in params]
+        old_states = [{key: value.detach().clone() for key, value in _on_device_state(optimizer, p)}
+                      for p in params]
+        optimizer.step()
+        with torch.no_grad():
+            for param, old_param, old_state in zip(params, old_params, old_states):
+                param.copy_(torch.where(finite, param, old_param))
+                for key, value in _on_device_state(optimizer, param):
+                    # state created by this very step (the first one) falls back to zeros
+                    old = old_state.get(key)
+                    value.copy_(torch.where(finite, value, old if old is not None else torch.zeros_like(value)))
+        self.after_step(_host_step_rewind(optimizer), finite.float().reshape(1))
+        return finite
+
+    def compile(self, model: nn.Module) -> nn.Module:
+        """``train.compile``: the model under torch.compile with this device's backend."""
+        return torch.compile(model)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The user's module inside the wrappers that ``prepare_model`` or torch.compile added."""

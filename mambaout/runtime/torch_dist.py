@@ -99,19 +99,7 @@ class TorchRuntime(Runtime):
         self._pending: list[tuple[Any, torch.Tensor, Any]] = []
         self._fence_stream = None  # made on first use by ``fenced``
         self._failed = False
-        if kind == "cuda":
-            visible = torch.cuda.device_count()
-            if self.local_rank >= visible:
-                shown = os.environ.get("CUDA_VISIBLE_DEVICES")
-                raise DistributedRuntimeError(
-                    f"{self._where()}: LOCAL_RANK={self.local_rank} but this node sees {visible} GPU(s)"
-                    f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start one process per "
-                    f"GPU: --nproc_per_node={visible} or fewer")
-            torch.cuda.set_device(self.local_rank)
-            device = torch.device("cuda", self.local_rank)
-        else:
-            device = torch.device("cpu")
-        super().__init__(device, precision, matmul_precision)
+        super().__init__(self._select_device(), precision, matmul_precision)
         if precision == "fp16" and kind != "cuda":
             raise ConfigError("train.precision=fp16 needs CUDA (a loss scaler on a GPU); use bf16 or fp32 on "
                              f"{kind}")
@@ -119,6 +107,20 @@ class TorchRuntime(Runtime):
         self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
         if launched_by_torchrun():
             self._init_process_group(timeout_s)
+
+    def _select_device(self) -> torch.device:
+        """This process's device: GPU ``LOCAL_RANK`` on CUDA."""
+        if self.kind != "cuda":
+            return torch.device("cpu")
+        visible = torch.cuda.device_count()
+        if self.local_rank >= visible:
+            shown = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise DistributedRuntimeError(
+                f"{self._where()}: LOCAL_RANK={self.local_rank} but this node sees {visible} GPU(s)"
+                f"{f' (CUDA_VISIBLE_DEVICES={shown})' if shown is not None else ''}; start one process per "
+                f"GPU: --nproc_per_node={visible} or fewer")
+        torch.cuda.set_device(self.local_rank)
+        return torch.device("cuda", self.local_rank)
 
     @property
     def backend(self) -> str:

@@ -218,11 +218,9 @@ class XlaRuntime(Runtime):
         return step_finite, report
 
     def optimizer_step(self, optimizer, finite):
-        """XLA has no fused AdamW: the update is computed and kept only where ``finite`` holds (selects in the
-        graph); the host step counters are set back once the graph has run."""
-        _guarded_step(optimizer, finite)
-        self.after_step(_step_counter_rewind(optimizer), finite.float().reshape(1))
-        return finite
+        """XLA has no fused AdamW: the guarded step (selects in the graph, where the copies of the old values
+        cost nothing), with the host step counters set back once the graph has run."""
+        return self.guarded_optimizer_step(optimizer, finite)
 
     def mark_step(self) -> None:
         self._torch_xla.sync()
@@ -394,35 +392,3 @@ class _DeviceFields:
         for batch in self.loader:
             self.host_parts.append({k: v for k, v in batch.items() if k not in DEVICE_FIELDS})
             yield {k: batch[k] for k in DEVICE_FIELDS}
-
-
-def _guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
-    """``optimizer.step()`` whose result is kept only where ``finite`` (a device bool) is True: parameters and
-    optimizer state of a non-finite step stay as they were, with no host sync. In the lazy graph the copies
-    of the old values cost nothing but the selects."""
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    old_params = [p.detach().clone() for p in params]
-    old_states = [{key: value.detach().clone() for key, value in optimizer.state[p].items()
-                   if isinstance(value, torch.Tensor) and value.device.type == "xla"} for p in params]
-    optimizer.step()
-    with torch.no_grad():
-        for param, old_param, old_state in zip(params, old_params, old_states):
-            param.copy_(torch.where(finite, param, old_param))
-            for key, value in optimizer.state[param].items():
-                if isinstance(value, torch.Tensor) and value.device.type == "xla":
-                    # state created by this very step (the first one) falls back to zeros
-                    old = old_state.get(key)
-                    value.copy_(torch.where(finite, value, old if old is not None else torch.zeros_like(value)))
-
-
-def _step_counter_rewind(optimizer: torch.optim.Optimizer) -> Callable[[list[float]], None]:
-    """The host side of a guarded step, run after its graph: a step that was not applied sets the host step
-    counters (Adam's bias correction) back by one."""
-    def rewind(values: list[float]) -> None:
-        if values[0]:
-            return
-        for state in optimizer.state.values():
-            step = state.get("step")
-            if isinstance(step, torch.Tensor) and step.device.type != "xla":
-                step -= 1
-    return rewind
