@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--std", type=float, nargs=3, help="per-channel std (data.std)")
     parser.add_argument("--batch-size", type=int, help="images per device per batch (eval.batch_size)")
     parser.add_argument("--workers", type=int, help="data-loading processes (data.num_workers)")
-    parser.add_argument("--device", help="auto, cpu, cuda or xla (runtime.device)")
+    parser.add_argument("--device", help="auto, cpu, cuda, tpu or xla (runtime.device)")
     parser.add_argument("--precision", help="fp32, bf16 or fp16 (train.precision)")
     parser.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of the checkpoint")
     parser.add_argument("--results", metavar="FILE", help="write the results: .json, or a row appended to .csv")

@@ -208,7 +208,10 @@ class EvalConfig:
 @dataclass
 class RuntimeConfig:
     """The backend the run executes on."""
-    device: Literal["auto", "cpu", "cuda", "xla"] = _key("auto", "Backend; 'auto' = the available accelerator.")
+    device: Literal["auto", "cpu", "cuda", "tpu", "xla"] = _key(
+        "auto", "Backend: 'tpu' = TPU through TorchTPU (one process per chip, torchrun), 'xla' = TPU through "
+        "torch_xla (SPMD, one process per host); 'auto' = xla when PJRT_DEVICE is set, else tpu where TorchTPU "
+        "sees chips, else cuda where available, else cpu.")
     dist_timeout_s: int = _key(1800, "Timeout of distributed collectives, in seconds.", POSITIVE)
     deterministic: bool = _key(
         False, "Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic and not autotuned), "
@@ -216,8 +219,8 @@ class RuntimeConfig:
         "recipes set true. XLA ignores it.")
     matmul_precision: Literal["highest", "high", "medium"] = _key(
         "highest", "fp32 matrix multiplies and convolutions: 'highest' true fp32 (the paper's reference), 'high' "
-        "TF32 on NVIDIA GPUs (3 bf16 passes on TPUs), 'medium' bf16 (1 pass on TPUs). Autocast (train.precision "
-        "bf16/fp16) is unaffected.")
+        "TF32 on NVIDIA GPUs (3 bf16 passes on TPUs), 'medium' bf16 (1 pass on TPUs, TorchTPU's default). "
+        "Autocast (train.precision bf16/fp16) is unaffected.")
     peak_tflops: float | None = _key(
         None, "The device's peak dense TFLOP/s for the MFU column of steps.csv; null = from the table of known GPUs "
         "and TPUs (mambaout/runtime/peaks.py) for the run's math, no MFU on CPUs.", POSITIVE)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import faults
+import tpu_standin
 from conftest import CLASSES, tiny_overrides
 from faults import Fault
 from helpers import (
@@ -134,6 +135,29 @@ def test_same_weights_and_losses_on_1_2_4_processes(runs, pipeline):
         assert norm_error < 1e-4, report[-1]
         assert all(math.isfinite(float(r["loss"])) for r in steps)
     print("\n" + "\n".join(report))
+
+
+def test_the_tpu_runtime_trains_the_same_run_on_1_and_2_processes(runs, image_root, tmp_path):
+    """runtime.device=tpu with TorchTPU's device calls answered on the CPU (tests/tpu_standin.py): the tpu runtime's
+    own path (its process group, deferred reads, fused-eager setting, its optimizer step) trains the run of the cpu
+    runtime bit for bit, on 1 and 2 processes. No TPU ran: the device is the CPU."""
+    folders = runs("timm")
+    for nproc in (1, 2):
+        out = tmp_path / f"tpu{nproc}"
+        overrides = [*README_CONFIG, *tiny_overrides(image_root, out, **INVARIANCE, **PIPELINES["timm"],
+                                                     **{"runtime.device": "tpu"})]
+        status, output = run_job(train_command(nproc, overrides), tmp_path / f"tpu{nproc}.log", **tpu_standin.env())
+        assert status == 0, output[-4000:]
+        runtime = json.loads((out / "manifest.json").read_text())["runtime"]
+        assert (runtime["device"], runtime["device_name"], runtime["world_size"]) == (
+            "tpu", "cpu (TorchTPU stand-in)", nproc)
+        assert runtime["backend"] == ("gloo" if nproc > 1 else None)
+        assert runtime["eager_mode"] == "DEFER_AND_FUSE" and runtime["tpu_precision"] == "HIGHEST"
+        assert [r["loss"] for r in read_csv(out / "steps.csv")] == [
+            r["loss"] for r in read_csv(folders[nproc] / "steps.csv")]
+        state, reference = load_training_checkpoint(out / "last.pth"), load_training_checkpoint(folders[nproc] /
+                                                                                                "last.pth")
+        assert max_weight_difference(reference["model"], state["model"]) == 0
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES)

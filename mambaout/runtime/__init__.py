@@ -1,6 +1,6 @@
-"""Device runtimes behind one interface (see ``base.Runtime``): cpu and cuda on torch.distributed, xla on
-torch_xla (``xla.XlaRuntime``, imported only when chosen). ``create_runtime`` is the only place that chooses
-between them."""
+"""Device runtimes behind one interface (see ``base.Runtime``): cpu and cuda on torch.distributed, tpu on
+torch.distributed through TorchTPU (``torch_tpu.TorchTpuRuntime``), xla on torch_xla (``xla.XlaRuntime``, imported
+only when chosen). ``create_runtime`` is the only place that chooses between them."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,22 +11,26 @@ import torch
 from ..config import ConfigError
 from .base import DistributedRuntimeError, Runtime
 from .torch_dist import TorchRuntime
+from .torch_tpu import TorchTpuRuntime, tpu_chip_count
 
-DEVICES = ("auto", "cpu", "cuda", "xla")
+DEVICES = ("auto", "cpu", "cuda", "tpu", "xla")
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` picks xla when ``PJRT_DEVICE`` is set, else cuda when available, else cpu."""
+    """``auto`` picks xla when ``PJRT_DEVICE`` is set, else tpu when TorchTPU reports chips, else cuda when
+    available, else cpu."""
     if device != "auto":
         return device
     if os.environ.get("PJRT_DEVICE"):
         return "xla"
+    if tpu_chip_count():
+        return "tpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int = 1800,
                    deterministic: bool = False, matmul_precision: str = "highest") -> Runtime:
-    """``deterministic`` selects deterministic kernels on cpu and cuda (``TorchRuntime``); XLA ignores it.
+    """``deterministic`` selects deterministic kernels on cpu, cuda and tpu (``TorchRuntime``); XLA ignores it.
     ``matmul_precision``: ``runtime.matmul_precision``."""
     kind = resolve_device(device)
     if kind == "xla":
@@ -36,6 +40,8 @@ def create_runtime(device: str = "auto", precision: str = "fp32", timeout_s: int
         from .xla import XlaRuntime  # the only import of torch_xla
 
         return XlaRuntime(precision, timeout_s, matmul_precision=matmul_precision)
+    if kind == "tpu":
+        return TorchTpuRuntime(precision, timeout_s, deterministic, matmul_precision)
     if kind == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device=cuda but torch sees no CUDA device; use runtime.device=cpu or auto")
     if kind not in ("cpu", "cuda"):
@@ -50,5 +56,5 @@ def runtime_from_config(cfg) -> Runtime:
                           settings.matmul_precision)
 
 
-__all__ = ["DEVICES", "DistributedRuntimeError", "Runtime", "TorchRuntime", "create_runtime", "resolve_device",
-           "runtime_from_config"]
+__all__ = ["DEVICES", "DistributedRuntimeError", "Runtime", "TorchRuntime", "TorchTpuRuntime", "create_runtime",
+           "resolve_device", "runtime_from_config"]
