@@ -1,6 +1,7 @@
 """Shared fixtures: tiny real image folders and a tiny training config (tests must stay fast on 2 cores)."""
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -60,38 +61,55 @@ def tiny_overrides(root: Path, output_dir: Path, **extra) -> list[str]:
     return [f"{key}={'null' if value is None else value}" for key, value in settings.items()]
 
 
-# --- the XLA suite runs, or CI fails -----------------------------------------------------------------------------
-# CI runs `PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`. Where torch_xla is missing or cannot load, the
-# XLA tests would skip and CI would pass without them: PJRT_DEVICE makes torch_xla required, and the `-m xla` run
-# fails unless its tests ran, none skipped.
+# --- the suites of the other environments run, or CI fails --------------------------------------------------------
+# CI runs `.venv-tpu/bin/python -m pytest -m torch_tpu` and `PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`.
+# Where their package is missing or cannot load, their tests would skip and CI would pass without them: such a run
+# needs the package (for XLA, PJRT_DEVICE alone asks for it), and fails unless its tests ran, none skipped.
+SUITES = {  # marker: (package, its environment's setup script, the suite's command, the suite's name)
+    "xla": ("torch_xla", "scripts/setup_xla_env.sh", "PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla", "XLA"),
+    "torch_tpu": ("torch_tpu", "scripts/setup_tpu_env.sh", ".venv-tpu/bin/python -m pytest -m torch_tpu",
+                  "TorchTPU"),
+}
+
+
+def _suite(config) -> str | None:
+    """The marker of the environment suite this run is, if any."""
+    if os.environ.get("PJRT_DEVICE"):
+        return "xla"
+    return config.option.markexpr if config.option.markexpr in SUITES else None
+
 
 def pytest_configure(config) -> None:
-    device = os.environ.get("PJRT_DEVICE")
-    if not device:
+    marker = _suite(config)
+    if marker is None:
         return
+    package, setup, command, _ = SUITES[marker]
     try:
-        import torch_xla  # noqa: F401
+        importlib.import_module(package)
     except Exception as error:  # ImportError, or an undefined symbol when it meets another torch
+        asked = f"PJRT_DEVICE={os.environ['PJRT_DEVICE']}" if marker == "xla" else f"-m {marker}"
         raise pytest.UsageError(
-            f"PJRT_DEVICE={device} asks for the XLA suite, but torch_xla does not load in {sys.prefix} "
-            f"({type(error).__name__}: {error}). Create its environment with `bash scripts/setup_xla_env.sh` and run "
-            "`PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`.") from None
+            f"{asked} asks for the {SUITES[marker][3]} suite, but {package} does not load in {sys.prefix} "
+            f"({type(error).__name__}: {error}). Create its environment with `bash {setup}` and run `{command}`."
+        ) from None
 
 
-_xla_outcomes: list[str] = []
+_suite_outcomes: list[str] = []
 
 
 def pytest_runtest_logreport(report) -> None:
-    if "xla" in report.keywords and (report.when == "call" or report.skipped):
-        _xla_outcomes.append(report.outcome)
+    if any(marker in report.keywords for marker in SUITES) and (report.when == "call" or report.skipped):
+        _suite_outcomes.append(report.outcome)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
-    if not os.environ.get("PJRT_DEVICE") or session.config.option.markexpr != "xla" or exitstatus != 0:
+    marker = _suite(session.config)
+    if marker is None or session.config.option.markexpr != marker or exitstatus != 0:
         return
-    skipped, passed = _xla_outcomes.count("skipped"), _xla_outcomes.count("passed")
+    skipped, passed = _suite_outcomes.count("skipped"), _suite_outcomes.count("passed")
     if skipped or not passed:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"the XLA suite did not run: {passed} XLA tests passed, {skipped} skipped", red=True)
+            reporter.write_line(f"the {SUITES[marker][3]} suite did not run: {passed} {SUITES[marker][3]} tests "
+                                f"passed, {skipped} skipped", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,5 +1,6 @@
-"""CI's XLA suite (`PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`, .ci/run) fails where it cannot run,
-instead of skipping every test and passing (tests/conftest.py)."""
+"""CI's XLA suite (`PJRT_DEVICE=CPU .venv-xla/bin/python -m pytest -m xla`, .ci/run) and TorchTPU suite
+(`.venv-tpu/bin/python -m pytest -m torch_tpu`) fail where they cannot run, instead of skipping every test and
+passing (tests/conftest.py)."""
 from __future__ import annotations
 
 import importlib.util
@@ -27,6 +28,15 @@ def test_the_xla_suite_fails_without_torch_xla():
     output = done.stdout + done.stderr
     assert done.returncode != 0, output
     assert "torch_xla does not load" in output and "scripts/setup_xla_env.sh" in output, output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch_tpu") is not None, reason="torch_tpu is installed here")
+def test_the_torchtpu_suite_fails_without_torchtpu():
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "torch_tpu",
+                           "tests/test_torch_tpu.py"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0, output
+    assert "torch_tpu does not load" in output and "scripts/setup_tpu_env.sh" in output, output
 
 
 def test_the_xla_suite_fails_when_its_tests_skip(tmp_path):
