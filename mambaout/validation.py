@@ -22,6 +22,8 @@ from .data import EvalBatchSampler, build_dataset
 from .data.pipeline import build_pipeline
 from .data.sources import plan_reads, source_options
 from .engine import evaluate
+from .eval_sets import (RestrictedLogits, check_targets_in_subset, eval_set_name, read_real_labels, real_accuracy,
+                        subset_classes)
 from .inference import (Preprocessing, classifier_outputs, is_export_folder, pretrained_preprocessing,
                         read_checkpoint_info, read_export_config)
 from .models import create_model
@@ -33,8 +35,8 @@ from .tracking import Progress, software_versions
 log = logging.getLogger("mambaout")
 
 # Columns of a --results .csv (a row per run; an existing file keeps its own header).
-RESULT_COLUMNS = ("model", "checkpoint", "data", "pipeline", "img_size", "crop_pct", "interpolation", "use_ema",
-                  "top1", "top5", "loss", "count", "bad_images_skipped", "params", "gmacs", "img_per_s",
+RESULT_COLUMNS = ("model", "checkpoint", "data", "eval_set", "pipeline", "img_size", "crop_pct", "interpolation",
+                  "use_ema", "top1", "top5", "loss", "count", "real_top1", "real_top5", "real_count", "bad_images_skipped", "params", "gmacs", "img_per_s",
                   "devices", "device", "published_top1", "top1_minus_published")
 
 
@@ -54,51 +56,66 @@ class ValidationRequest:
     results: str | None = None
     predictions: str | None = None
     skip_bad_images: bool = False
+    real_labels: str | None = None  # ReaL's real.json: top-1/top-5 against each image's set of real labels
+    class_subset: str | None = None  # 'a', 'r' or a file: the logits restricted to those ImageNet-1k classes
+    eval_set: str | None = None  # the set's name in the results; None = from the flags or the folder
 
 
-def validate(cfg: Config, request: ValidationRequest) -> dict[str, Any]:
-    """Evaluates ``request.checkpoint`` as ``cfg`` says; returns (and reports) the summary."""
+def validate(cfg: Config, request: ValidationRequest, runtime: Runtime | None = None) -> dict[str, Any]:
+    """Evaluates ``request.checkpoint`` as ``cfg`` says; returns (and reports) the summary. ``runtime``: one
+    already in its session (several models validated in one call), else one made for this call."""
+    if runtime is not None:
+        return _validate(cfg, request, runtime)
     runtime = runtime_from_config(cfg)
     with runtime.session():
-        weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
-        pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)
-        stage = pipeline.eval
-        dataset = build_eval_dataset(cfg, stage.reader, classes)
-        model = build_model(cfg.model.name, weights, dataset, request.checkpoint)
-        runtime.prepare_model(model, cfg.train.channels_last)  # evaluation runs the bare model, as training's
+        return _validate(cfg, request, runtime)
 
-        sampler = EvalBatchSampler(len(dataset), cfg.eval.batch_size * len(runtime.shard_ids),
-                                   runtime.world_size, runtime.rank, pad_to_full=runtime.fixed_shapes)
-        loader = DataLoader(dataset, batch_sampler=plan_reads(dataset, sampler, cfg.data),
-                            num_workers=cfg.data.num_workers, collate_fn=stage.collate,
-                            pin_memory=runtime.device.type == "cuda")
-        progress = Progress(len(dataset), "validate", enabled=runtime.is_main)
-        start = time.perf_counter()
-        result = evaluate(model, loader, runtime, collect_predictions=request.predictions is not None,
-                          # this process's share times the world size: an estimate, capped at the total
-                          on_batch=lambda n: progress.update(min(n * runtime.world_size,
-                                                                 len(dataset) - progress.done)),
-                          prepare_batch=stage.prepare(runtime))
-        seconds = time.perf_counter() - start
-        bad_files = [dataset.describe(i) for i in result.bad_indices]
-        if result.count + len(bad_files) != len(dataset):  # the promise of exact evaluation, checked
-            raise RuntimeError(f"evaluated {result.count} + {len(bad_files)} unreadable images of {len(dataset)}")
-        if bad_files and not request.skip_bad_images:
-            raise BadImagesError(
-                f"{len(bad_files)} image(s) could not be read: {', '.join(bad_files[:20])}"
-                f"{' ...' if len(bad_files) > 20 else ''}. Replace them, or pass --skip-bad-images to "
-                "leave them out (the count is recorded in the results).")
-        summary = _summary(cfg, request, result.as_dict(), model, dataset, runtime, seconds, len(bad_files))
-        summary["pipeline"] = pipeline.name
-        if runtime.is_main:
-            _report(summary)
-            if request.results:
-                write_results(summary, request.results)
-            if request.predictions:
-                bad = set(result.bad_indices)
-                write_predictions([row for row in result.predictions if row[0] not in bad], dataset,
-                                  request.predictions)
-        return summary
+
+def _validate(cfg: Config, request: ValidationRequest, runtime: Runtime) -> dict[str, Any]:
+    weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
+    pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)
+    stage = pipeline.eval
+    dataset = build_eval_dataset(cfg, stage.reader, classes)
+    model = build_model(cfg.model.name, weights, dataset, request.checkpoint)
+    if request.class_subset:
+        model = restricted(model, dataset, request.class_subset)
+    real_labels = read_real_labels(request.real_labels) if request.real_labels else None
+    runtime.prepare_model(model, cfg.train.channels_last)  # evaluation runs the bare model, as training's
+
+    sampler = EvalBatchSampler(len(dataset), cfg.eval.batch_size * len(runtime.shard_ids),
+                               runtime.world_size, runtime.rank, pad_to_full=runtime.fixed_shapes)
+    loader = DataLoader(dataset, batch_sampler=plan_reads(dataset, sampler, cfg.data),
+                        num_workers=cfg.data.num_workers, collate_fn=stage.collate,
+                        pin_memory=runtime.device.type == "cuda")
+    progress = Progress(len(dataset), "validate", enabled=runtime.is_main)
+    start = time.perf_counter()
+    result = evaluate(model, loader, runtime,
+                      collect_predictions=request.predictions is not None or real_labels is not None,
+                      # this process's share times the world size: an estimate, capped at the total
+                      on_batch=lambda n: progress.update(min(n * runtime.world_size,
+                                                             len(dataset) - progress.done)),
+                      prepare_batch=stage.prepare(runtime))
+    seconds = time.perf_counter() - start
+    bad_files = [dataset.describe(i) for i in result.bad_indices]
+    if result.count + len(bad_files) != len(dataset):  # the promise of exact evaluation, checked
+        raise RuntimeError(f"evaluated {result.count} + {len(bad_files)} unreadable images of {len(dataset)}")
+    if bad_files and not request.skip_bad_images:
+        raise BadImagesError(
+            f"{len(bad_files)} image(s) could not be read: {', '.join(bad_files[:20])}"
+            f"{' ...' if len(bad_files) > 20 else ''}. Replace them, or pass --skip-bad-images to "
+            "leave them out (the count is recorded in the results).")
+    summary = _summary(cfg, request, result.as_dict(), model, dataset, runtime, seconds, len(bad_files))
+    summary["pipeline"] = pipeline.name
+    summary.update(_eval_set_results(request, result, dataset, real_labels, summary["data"]))
+    if runtime.is_main:
+        _report(summary)
+        if request.results:
+            write_results(summary, request.results)
+        if request.predictions:
+            bad = set(result.bad_indices)
+            write_predictions([row for row in result.predictions if row[0] not in bad], dataset,
+                              request.predictions)
+    return summary
 
 
 # --- what to evaluate ------------------------------------------------------------------------------------------
@@ -170,6 +187,16 @@ def build_model(name: str, weights: dict, dataset, source: str) -> nn.Module:
     return model
 
 
+def restricted(model: nn.Module, dataset, subset: str) -> nn.Module:
+    """``model`` predicting only the classes of ``subset`` (``eval_sets.subset_classes``) of its 1000."""
+    if dataset.num_classes != 1000:
+        raise ValidationError(f"--class-subset {subset}: restricts the 1000 ImageNet-1k classes, and the dataset "
+                              f"'{dataset.root}' has {dataset.num_classes}; use ImageNet synset folders")
+    classes = subset_classes(subset)
+    check_targets_in_subset(dataset.targets, classes, subset)
+    return RestrictedLogits(model, classes, 1000)
+
+
 def _create(name: str, **overrides) -> nn.Module:
     try:
         return create_model(name, **overrides)
@@ -223,6 +250,20 @@ def _summary(cfg: Config, request: ValidationRequest, result: dict[str, Any], mo
     return summary
 
 
+def _eval_set_results(request: ValidationRequest, result, dataset, real_labels: list[list[int]] | None,
+                      data: str) -> dict[str, Any]:
+    """The set's name, its class subset, and with ReaL labels their top-1/top-5 (unreadable images left out)."""
+    extra: dict[str, Any] = {"eval_set": eval_set_name(request.eval_set, request.real_labels, request.class_subset,
+                                                       data)}
+    if request.class_subset:
+        extra["class_subset"] = request.class_subset
+    if real_labels is not None:
+        bad = set(result.bad_indices)
+        names = [dataset.describe(index) for index in range(len(dataset))]
+        extra.update(real_accuracy([row for row in result.predictions if row[0] not in bad], names, real_labels))
+    return extra
+
+
 def _gmacs(model_name: str, num_classes: int, img_size: int) -> float:
     """Counted on a shape-only copy, so no device (XLA above all) runs an extra graph for it."""
     with torch.device("meta"):
@@ -231,16 +272,33 @@ def _gmacs(model_name: str, num_classes: int, img_size: int) -> float:
 
 
 def _report(summary: dict[str, Any]) -> None:
-    line = (f"{summary['model']} @ {summary['img_size']}px on {summary['count']} images: "
+    line = (f"{summary['model']} @ {summary['img_size']}px on {summary['count']} images of {summary['eval_set']}: "
             f"top-1 {summary['top1']:.3f}  top-5 {summary['top5']:.3f}  loss {summary['loss']:.4f}  "
             f"({summary['img_per_s']:.1f} img/s, {summary['params']:,} params, {summary['gmacs']:.2f} GMACs)")
     if "published_top1" in summary:
         paper = f", paper {summary['paper_top1']:.1f}" if "paper_top1" in summary else ""
         line += (f"\n  published top-1 {summary['published_top1']:.3f} (timm, released weights{paper}): "
                  f"difference {summary['top1_minus_published']:+.3f}")
+    if "real_top1" in summary:
+        line += (f"\n  ReaL labels: top-1 {summary['real_top1']:.3f}  top-5 {summary['real_top5']:.3f} on the "
+                 f"{summary['real_count']} images with real labels")
     if summary["bad_images_skipped"]:
         line += f"\n  {summary['bad_images_skipped']} unreadable image(s) skipped"
     print(line, flush=True)
+
+
+def results_table(summaries: list[dict[str, Any]]) -> str:
+    """One line per validated model, in a Markdown table (what several --model print at the end)."""
+    real = any("real_top1" in summary for summary in summaries)
+    columns = ["model", "eval set", "img size", "top-1", "top-5", *(["ReaL top-1"] if real else []), "images",
+               "img/s"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for s in summaries:
+        cells = [s["model"], s["eval_set"], s["img_size"], f"{s['top1']:.3f}", f"{s['top5']:.3f}",
+                 *([f"{s['real_top1']:.3f}" if "real_top1" in s else ""] if real else []), s["count"],
+                 f"{s['img_per_s']:.1f}"]
+        lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    return "\n".join(lines)
 
 
 def write_results(summary: dict[str, Any], path: str) -> None:

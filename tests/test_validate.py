@@ -149,7 +149,8 @@ def test_training_config_mode(image_root, femto4, tmp_path):
 
 def test_img_size_override_changes_the_transform():
     def transform(*flags: str):
-        _, cfg = validate_cli.parse_args(["--model", "mambaout_femto", "--checkpoint", "w.pth", "--data", "d", *flags])
+        _, [(_, cfg)] = validate_cli.parse_args(["--model", "mambaout_femto", "--checkpoint", "w.pth", "--data", "d",
+                                                 *flags])
         return timm_eval_transform(cfg)
 
     def timm_transform(size: int, crop_pct: float = 1.0):

@@ -53,6 +53,8 @@ def _is_image(name: str) -> bool:
 
 def _list_class_folder(split_dir: Path, class_dirs: list[str], classes: Sequence[str]) -> list[tuple[str, int]]:
     class_to_target = {name: target for target, name in enumerate(classes)}
+    if _is_index_layout(class_dirs):
+        class_to_target = {name: int(name) for name in class_dirs}
     samples = []
     for class_dir in class_dirs:
         for folder, subfolders, files in os.walk(split_dir / class_dir, followlinks=True):
@@ -62,8 +64,16 @@ def _list_class_folder(split_dir: Path, class_dirs: list[str], classes: Sequence
     return samples
 
 
+def _is_index_layout(class_dirs: list[str]) -> bool:
+    """ImageNet-V2's layout: a folder per ImageNet-1k class named by its index, 0 to 999."""
+    return len(class_dirs) == 1000 and set(class_dirs) == {str(index) for index in range(1000)}
+
+
 def _folder_classes(split_dir: Path, class_dirs: list[str], classes: Sequence[str] | None) -> list[str]:
-    """The class list of a class-folder split: explicit, ImageNet-1k for synset folders, else sorted names."""
+    """The class list of a class-folder split: ImageNet-1k for class-index folders (ImageNet-V2) when no other
+    list is given, explicit, ImageNet-1k for synset folders, else sorted names."""
+    if _is_index_layout(class_dirs) and (classes is None or list(classes) == list(imagenet_synsets())):
+        return list(imagenet_synsets())
     if classes is not None:
         unknown = sorted(set(class_dirs) - set(classes))
         if unknown:
@@ -144,6 +154,7 @@ def scan_split(root: str | os.PathLike, split: str,
                classes: Sequence[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:
     """Lists ``root/split`` as ``(samples, classes)``, detecting its layout.
 
+    * ImageNet-V2's folders ``0`` to ``999``: the ImageNet-1k class of that index.
     * Class folders (``split/<class>/**/<image>``): when every folder is an ImageNet synset
       (``n01440764``), the classes are the 1000 ImageNet-1k synsets in standard order, even if only
       some are present; otherwise the sorted folder names. An explicit ``classes`` list (e.g. saved
