@@ -63,6 +63,10 @@ class ModelConfig:
     num_classes: int | None = _key(None, "Classifier outputs; null = the dataset's class count.", POSITIVE)
     checkpoint: str | None = _key(None, "Weight file to start from (any known layout); null = random init.")
     grad_checkpointing: bool = _key(False, "Recompute block activations in the backward pass to save memory.")
+    freeze: Literal["none", "backbone"] = _key(
+        "none", "Parameters kept fixed: 'backbone' trains the classifier's final Linear alone (linear probing), "
+        "'none' trains everything.")
+
 
 
 @dataclass
@@ -136,6 +140,12 @@ class OptimConfig:
     betas: tuple[float, float] = _key((0.9, 0.999), "AdamW betas.", EACH_FRACTION)
     clip_grad: float | None = _key(None, "Clip the global gradient norm to this value; null = no clipping.",
                                    POSITIVE)
+    layer_decay: float | None = _key(
+        None, "Layer-wise lr decay for fine-tuning: a parameter of layer i of L (stem 0, then every block, "
+        "downsamples with their stage's first block, the head last) gets lr x layer_decay^(L-1-i), as timm groups "
+        "MetaFormer/ConvNeXt-style models; null = one lr for all (0.65-0.9 is usual).", Check(
+            "in (0, 1]", lambda v: 0 < v <= 1))
+
 
 
 @dataclass

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 from torch.optim import AdamW
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 
 
@@ -14,11 +14,16 @@ runs."""
 
 
 def create_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float,
-                     betas: tuple[float, float]) -> AdamW:
+                     betas: tuple[float, float], layer_decay: float | None = None) -> AdamW:
     """AdamW without weight decay on biases and normalisation weights (every 1-d parameter), fused where torch
-    has the kernel for the parameters' device."""
+    has the kernel for the parameters' device; frozen parameters are left out. ``layer_decay``: timm's layer-wise
+    groups (by the model's ``group_matcher``), whose ``lr_scale`` the schedule applies."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-    groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    if layer_decay is None:
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip)
+    else:
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
+                                          layer_decay=layer_decay)
     fused = all(p.device.type in FUSED_DEVICES for p in model.parameters())
     return AdamW(groups, lr=lr, eps=eps, betas=betas, fused=fused or None)
 

@@ -31,7 +31,7 @@ from .data.sources import describe_data_change, plan_reads, shuffle_for, source_
 from .data.sampling import derive_seed, with_drop_draws
 from .engine import (NonFiniteLossError, StepClock, StepLog, TrainHooks, TrainState, create_criterion, evaluate,
                      train_one_epoch)
-from .models import create_model
+from .models import create_model, freeze
 from .models.info import count_macs
 from .optim import LrSchedule, create_optimizer
 from .runtime import Runtime, runtime_from_config
@@ -135,11 +135,12 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                      "device" if pipeline.augment_on == "device" else "data workers")
         if saved is not None:
             model.load_state_dict(saved["model"])
+        freeze(model, cfg.model.freeze)
         train_model = runtime.prepare_model(model, cfg.train.channels_last)
         if cfg.train.compile:
             train_model = runtime.compile(train_model)
         optimizer = create_optimizer(model, derived.lr, cfg.optim.weight_decay, cfg.optim.eps,
-                                     tuple(cfg.optim.betas))
+                                     tuple(cfg.optim.betas), cfg.optim.layer_decay)
         ema = build_ema(model, cfg)
         mixup = build_mixup(cfg.aug.mixup_alpha, cfg.aug.cutmix_alpha, cfg.aug.mixup_prob,
                             cfg.aug.mixup_switch_prob, cfg.aug.mixup_mode, cfg.aug.label_smoothing, num_classes)

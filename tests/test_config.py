@@ -31,7 +31,8 @@ def test_no_file_gives_the_schema_defaults():
 
 def test_unknown_key_in_a_file_names_the_file_and_the_closest_keys(tmp_path):
     path = write(tmp_path / "x.yaml", "optim:\n  learning_rate: 0.1\n")
-    assert error_of(path) == f"{path}: unknown key 'optim.learning_rate'; did you mean 'optim.lr' or 'optim.base_lr'?"
+    assert error_of(path).startswith(
+        f"{path}: unknown key 'optim.learning_rate'; did you mean 'optim.lr' or 'optim.base_lr'")
 
 
 def test_unknown_key_suggests_the_same_name_in_another_section():

@@ -78,6 +78,9 @@ def finetune_command(task: Task, program: str, description: str, argv=None) -> i
 
 def finetune(cfg, task: Task, resume: str = "auto") -> FinetuneOutcome:
     """Fine-tunes as ``cfg`` (a ``task.schema`` config) says. ``resume``: as ``trainer.train``'s."""
+    if cfg.optim.layer_decay is not None:  # the detector and segmenter group no layers (no group_matcher)
+        raise ConfigError("optim.layer_decay applies to classification (train.py); detection and segmentation "
+                          "fine-tuning use one lr: remove optim.layer_decay")
     runtime = runtime_from_config(cfg)
     with runtime.session(), ExitStack() as held:
         derived = cfg.derived(runtime.num_shards)

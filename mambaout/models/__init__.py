@@ -9,7 +9,7 @@ from torch import nn
 from mambaout.checkpoint import load_pretrained
 from mambaout.models.mambaout import PRETRAINED_CFGS, VARIANTS, MambaOut
 
-__all__ = ['MambaOut', 'create_model', 'list_models']
+__all__ = ['MambaOut', 'create_model', 'freeze', 'list_models']
 
 # Our override names that timm spells differently.
 _TIMM_KWARGS = {'head_dropout': 'drop_rate'}
@@ -46,3 +46,15 @@ def create_model(name: str, checkpoint: str | os.PathLike | None = None, **overr
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+def freeze(model: nn.Module, part: str) -> None:
+    """``model.freeze``: 'backbone' fixes every parameter but those of the classifier's final Linear (linear
+    probing; the optimizer then leaves them out); 'none' changes nothing."""
+    if part == 'none':
+        return
+    classifier = {id(param) for param in model.get_classifier().parameters()}
+    if not classifier:
+        raise ValueError('model.freeze=backbone needs a classifier to train, and this model has none')
+    for param in model.parameters():
+        param.requires_grad_(id(param) in classifier)

@@ -387,6 +387,16 @@ class MambaOut(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups in depth order, as timm's MetaFormer-style models define them (layer-wise lr decay,
+        timm's optimizer factories): the stem, then each stage (coarse) or each block, a stage's downsample with
+        its first block; what matches nothing (the head) comes last."""
+        blocks = r'^stages\.(\d+)' if coarse else [
+            (r'^stages\.(\d+)\.downsample', (0,)),
+            (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+        ]
+        return dict(stem=r'^stem', blocks=blocks)
+
     def no_weight_decay(self) -> set[str]:
         """The SSM's decays and skips, which Mamba trains without weight decay (the optimizer's exclusions)."""
         return {name for name, _ in self.named_parameters() if name.endswith(('.A_log', '.D'))}
