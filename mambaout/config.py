@@ -68,7 +68,6 @@ class ModelConfig:
         "'none' trains everything.")
 
 
-
 @dataclass
 class DataConfig:
     """Where the images come from and how they are normalised."""
@@ -145,7 +144,6 @@ class OptimConfig:
         "downsamples with their stage's first block, the head last) gets lr x layer_decay^(L-1-i), as timm groups "
         "MetaFormer/ConvNeXt-style models; null = one lr for all (0.65-0.9 is usual).", Check(
             "in (0, 1]", lambda v: 0 < v <= 1))
-
 
 
 @dataclass
@@ -236,6 +234,22 @@ class RuntimeConfig:
         "and TPUs (mambaout/runtime/peaks.py) for the run's math, no MFU on CPUs.", POSITIVE)
 
 
+@dataclass
+class TrackingConfig:
+    """Experiment trackers: the resolved config, the manifest and every steps.csv and metrics.csv row go to them."""
+    wandb: bool = _key(False, "Log to Weights & Biases (pip install wandb; `wandb login` first, or run offline).")
+    wandb_project: str = _key("mambaout", "W&B project of the run (the W&B run is named after the run folder).")
+    wandb_entity: str | None = _key(None, "W&B team or user; null = W&B's default (WANDB_ENTITY, else your own).")
+    wandb_mode: Literal["auto", "online", "offline"] = _key(
+        "auto", "'offline' writes the W&B run into the run folder's wandb/, for `wandb sync` later; 'auto' = W&B's "
+        "own choice (WANDB_MODE, else online).")
+    mlflow: bool = _key(False, "Log to MLflow (pip install mlflow).")
+    mlflow_uri: str | None = _key(
+        None, "MLflow tracking URI: a server (http://host:5000), a database (sqlite:///path/mlflow.db) or a folder "
+        "(file:///path); null = MLflow's own choice (MLFLOW_TRACKING_URI, else its default).")
+    mlflow_experiment: str = _key("mambaout", "MLflow experiment of the run (created when missing).")
+
+
 class Schema:
     """Base of a root schema: a dataclass whose fields are the sections, each a dataclass of keys built by its
     default factory, in the order YAML, listings and diffs use."""
@@ -262,6 +276,7 @@ class Config(Schema):
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def derived(self, num_shards: int) -> "Derived":
         return derive(self, num_shards)

@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+from .config import Schema, to_yaml
+from .trackers import Trackers
+
 # Where a row's wall time (``epoch_seconds``, since the previous row) went: the waits for the first batch of each
 # stretch of steps, the steps from their first batch on (of which waiting for data), evaluation, checkpoints, logging
 # (trainer.EpochTiming). They add up to epoch_seconds, up to the loop's own bookkeeping.
@@ -33,6 +36,7 @@ EPOCH_COLUMNS = ("epoch", "step", "lr", "train_loss", "eval_loss", "top1", "top5
 # data_s, compute_s: seconds per step waiting for the loader and the rest of the step (engine.StepClock)
 STEP_COLUMNS = ("step", "epoch", "lr", "loss", "grad_norm", "img_per_s", "data_s", "compute_s", "mfu", "read_retries")
 LOCK_FILE = "run.lock"
+TRACKER_RUNS = "trackers.json"  # the run id of each experiment tracker, which a resume continues
 CURVES_ENV = "MAMBAOUT_CURVES"  # "off": no curves.png (about 0.3 s per drawing on 2 CPU cores)
 # curves.png is redrawn at an evaluation at most this often (the first: this long after the start), and when the
 # run ends: a drawing takes ~0.3 s (the first ~0.6 s, matplotlib's import), as long as a whole epoch of the
@@ -91,7 +95,9 @@ def build_manifest(*, runtime_info: dict[str, Any], input_pipeline: dict[str, An
 
 class RunFolder:
     """``config.yaml``, ``manifest.json``, ``classes.json``, ``metrics.csv`` (one row per epoch),
-    ``steps.csv`` (one row per logged optimizer step) and TensorBoard events under ``tensorboard/``."""
+    ``steps.csv`` (one row per logged optimizer step) and TensorBoard events under ``tensorboard/``; the same config,
+    manifest and rows go to the experiment trackers of the config's ``tracking`` section (``mambaout.trackers``).
+    A context manager: leaving it closes the folder, as failed when by an exception."""
 
     def __init__(self, path: str | Path, *, enabled: bool, resume: bool = False,
                  epoch_columns: tuple[str, ...] = EPOCH_COLUMNS) -> None:
@@ -103,6 +109,9 @@ class RunFolder:
         self._purge_step: int | None = None
         self._curves_drawn_at = time.monotonic()  # of the last drawing (the first waits as long after the start)
         self._curves_behind = False  # metrics.csv has rows the figure does not show yet
+        self._trackers = Trackers()
+        # per log: the last step the trackers may already have (a killed run's rows after its checkpoint)
+        self._tracked_up_to: dict[str, int] = {}
         if not enabled:
             return
         if not resume and holds_a_run(self.path):
@@ -123,9 +132,26 @@ class RunFolder:
     def write_json(self, name: str, data: Any) -> None:
         self.write_text(name, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
+    def write_config(self, cfg: Schema, derived: Any) -> None:
+        """``config.yaml``, and the trackers of ``cfg.tracking`` started with that config, continuing their runs
+        of this folder."""
+        self.write_text("config.yaml", to_yaml(cfg, derived))
+        if not self.enabled:
+            return
+        known = self.read_json(TRACKER_RUNS) or {}
+        run_ids = self._trackers.start(cfg.tracking, self.path, {**cfg.to_dict(), "derived": vars(derived)}, known)
+        if run_ids != known:
+            self.write_json(TRACKER_RUNS, run_ids)
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.write_json("manifest.json", manifest)
+        if self.enabled:
+            self._trackers.save_file(self.path / "manifest.json")
+
     def log_epoch(self, row: dict[str, Any]) -> None:
         self._append_csv("metrics.csv", self.epoch_columns, row)
         self._scalars(row["step"], {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "step")})
+        self._track("metrics.csv", "epoch", row)
         self._curves_behind = True
         if time.monotonic() - self._curves_drawn_at >= CURVES_EVERY_S:
             self._draw_curves()
@@ -148,10 +174,20 @@ class RunFolder:
     def log_step(self, row: dict[str, Any]) -> None:
         self._append_csv("steps.csv", STEP_COLUMNS, row)
         self._scalars(row["step"], {f"train/{k}": v for k, v in row.items() if k not in ("epoch", "step")})
+        self._track("steps.csv", "train", row)
+
+    def _track(self, log_name: str, prefix: str, row: dict[str, Any]) -> None:
+        """The row to the trackers, as ``prefix/column`` at its step, unless they may have it already: a tracker
+        cannot take a step back (W&B refuses one, MLflow would hold the step twice), and a resumed run's rows up to
+        where the log ended are the same computation again."""
+        if self.enabled and row["step"] > self._tracked_up_to.get(log_name, -1):
+            self._trackers.log({f"{prefix}/{k}": v for k, v in row.items()
+                                if k != "step" and isinstance(v, (int, float))}, row["step"])
 
     def truncate_logs_after(self, step: int) -> None:
         """On resume, drops rows logged after the checkpoint's step (they will be logged again), in the CSV
-        files and in TensorBoard (whose writer purges those events when it opens)."""
+        files and in TensorBoard (whose writer purges those events when it opens); the trackers, which cannot
+        drop rows, skip them instead."""
         self._purge_step = step + 1
         for name in ("steps.csv", "metrics.csv"):
             path = self.path / name
@@ -160,6 +196,7 @@ class RunFolder:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
             kept = [r for r in rows if int(r["step"]) <= step]
+            self._tracked_up_to[name] = max((int(r["step"]) for r in rows), default=-1)
             columns = STEP_COLUMNS if name == "steps.csv" else self.epoch_columns
             text = ",".join(columns) + "\n" + "".join(",".join(r.get(c) or "" for c in columns) + "\n"
                                                        for r in kept)
@@ -193,12 +230,20 @@ class RunFolder:
                 self._writer.add_scalar(tag, value, step)
         self._writer.flush()
 
-    def close(self) -> None:
-        """The end of the run: TensorBoard's events closed, curves.png drawn with every row."""
+    def close(self, failed: bool = False) -> None:
+        """The end of the run: TensorBoard's events closed, curves.png drawn with every row, the trackers' runs
+        ended (as failed, with ``failed``)."""
         if self._writer:
             self._writer.close()
         if self._curves_behind:
             self._draw_curves()
+        self._trackers.close(failed)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, exc_type, *exc_info: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def holds_a_run(path: Path) -> bool:

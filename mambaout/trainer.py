@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Collection, Iterator
 
 import torch
@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint
 from .checkpoint import CheckpointFolder
-from .config import (Config, ConfigError, Schema, config_from_dict, derive, diff_configs, load_config, parse_cli,
-                     to_yaml)
+from .config import (Config, ConfigError, Schema, TrackingConfig, config_from_dict, derive, diff_configs, load_config,
+                     parse_cli)
 from .data import EvalBatchSampler, MicroBatchSampler, build_dataset, build_mixup, dataset_fingerprint
 from .data.pipeline import Pipeline, build_pipeline
 from .data.sources import describe_data_change, plan_reads, shuffle_for, source_options
@@ -52,6 +52,7 @@ HARMLESS_ON_RESUME = frozenset({
     "train.output_dir", "train.log_interval",
     "train.checkpoint_every_steps", "train.keep_checkpoints", "train.skip_nonfinite", "eval.every_epochs",
     "eval.batch_size", "runtime.dist_timeout_s", "runtime.peak_tflops",
+    *(f"tracking.{key.name}" for key in fields(TrackingConfig)),  # trackers watch the run, never change it
 })
 
 
@@ -126,7 +127,7 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
         mfu = mfu_meter(model, cfg, runtime)  # counted on the host model, before it moves
         reuse_folder = saved is not None or (
             resume == "auto" and same_config_without_checkpoint(folder, cfg, HARMLESS_ON_RESUME))
-        run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder)
+        run = held.enter_context(RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder))
         if saved is not None and runtime.is_main:
             folder.set_aside_after(saved["train_state"]["step"])  # resuming an older one discards its future
         announce(runtime, derived, cfg, saved)
@@ -196,7 +197,6 @@ def train(cfg: Config, resume: str = "auto") -> TrainOutcome:
                                on_log=step_logger(run, plan, state, runtime, mfu, data_counters(train_set)),
                                train_steps=train_steps,
                                evaluate_and_log=evaluate_and_log)
-        run.close()
         return TrainOutcome(final_eval, state.best_top1, state.step, preempted=preempted)
 
 
@@ -595,14 +595,15 @@ def build_ema(model, cfg: Schema):
 def record_provenance(run: RunFolder, cfg: Schema, derived, runtime: Runtime, classes, state: TrainState,
                       saved: dict[str, Any] | None, *, input_pipeline: dict[str, Any], dataset: dict[str, Any]
                       ) -> None:
-    """config.yaml and classes.json; manifest.json on a fresh start, a resume entry appended on a resume."""
-    run.write_text("config.yaml", to_yaml(cfg, derived))
+    """config.yaml and classes.json (the trackers started); manifest.json on a fresh start, a resume entry appended on
+    a resume."""
+    run.write_config(cfg, derived)
     run.write_json("classes.json", list(classes))
     manifest = build_manifest(runtime_info=runtime.describe(), input_pipeline=input_pipeline, dataset=dataset,
                               derived=vars(derived))
     if saved is None:
         run.truncate_logs_after(0)
-        run.write_json("manifest.json", manifest)
+        run.write_manifest(manifest)
         return
     run.truncate_logs_after(state.step)  # rows a killed run wrote after its checkpoint are written again
     previous = run.read_json("manifest.json") or manifest
@@ -610,7 +611,7 @@ def record_provenance(run: RunFolder, cfg: Schema, derived, runtime: Runtime, cl
         {"step": state.step, "created": manifest["created"], "command": manifest["command"],
          "git": manifest["git"], "runtime": manifest["runtime"], "input_pipeline": manifest["input_pipeline"],
          "derived": manifest["derived"]})
-    run.write_json("manifest.json", previous)
+    run.write_manifest(previous)
 
 
 def _evaluate_epoch(model, ema, loader, runtime: Runtime, prepare_batch) -> dict[str, Any]:

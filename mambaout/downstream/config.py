@@ -2,15 +2,15 @@
 data) and `SegmentationConfig` (scripts/finetune_segmentation.py, UperNet on the ADE20K layout).
 
 They are built like train.py's `Config` (same YAML, `base:`, overrides, checks and listings) from its `optim`,
-`train` and `runtime` sections, with the recipe's defaults, and sections of their own. The defaults are the
-paper's recipes (Mask R-CNN 1x; UperNet 160k); `configs/downstream/*.yaml` add the backbone of each variant with
+`train`, `runtime` and `tracking` sections, with the recipe's defaults, and sections of their own. The defaults are
+the paper's recipes (Mask R-CNN 1x; UperNet 160k); `configs/downstream/*.yaml` add the backbone of each variant with
 its drop path (the authors' note: tiny 0.3, small 0.3-0.4, base 0.6).
 """
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import (EACH_POSITIVE, FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, RANGE, Check, ConfigError,
-                      OptimConfig, RuntimeConfig, Schema, TrainConfig, _key, accumulation_steps)
+                      OptimConfig, RuntimeConfig, Schema, TrackingConfig, TrainConfig, _key, accumulation_steps)
 
 BACKBONE = "Backbone: a mambaout_* variant (the _ssm twins included), with a LayerNorm on each stage output."
 CHECKPOINT = ("ImageNet weights of the backbone: a train.py checkpoint, the release file (either key layout) or "
@@ -83,6 +83,7 @@ class DetectionConfig(Schema):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(micro_batch_size=2))
     eval: EpochEvalConfig = field(default_factory=EpochEvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def derived(self, num_shards: int) -> "FinetuneDerived":
         return derive_finetune(self, num_shards)
@@ -149,6 +150,7 @@ class SegmentationConfig(Schema):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(micro_batch_size=2))
     eval: StepEvalConfig = field(default_factory=StepEvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def derived(self, num_shards: int) -> "FinetuneDerived":
         return derive_finetune(self, num_shards)

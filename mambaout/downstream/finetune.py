@@ -101,8 +101,8 @@ def finetune(cfg, task: Task, resume: str = "auto") -> FinetuneOutcome:
         model = task.build_model(cfg, cfg.model.checkpoint if saved is None else None)
         reuse_folder = saved is not None or (
             resume == "auto" and same_config_without_checkpoint(folder, cfg, HARMLESS_ON_FINETUNE_RESUME))
-        run = RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder,
-                        epoch_columns=task.epoch_columns())
+        run = held.enter_context(RunFolder(derived.output_dir, enabled=runtime.is_main, resume=reuse_folder,
+                                           epoch_columns=task.epoch_columns()))
         if saved is not None and runtime.is_main:
             folder.set_aside_after(saved["train_state"]["step"])  # resuming an older one discards its future
         announce(runtime, derived, cfg, saved)
@@ -157,7 +157,6 @@ def finetune(cfg, task: Task, resume: str = "auto") -> FinetuneOutcome:
         preempted = run_epochs(plan, state, sampler, runtime, folder, payload=payload,
                                on_log=step_logger(run, plan, state, runtime), train_steps=train_steps,
                                evaluate_and_log=evaluate_and_log)
-        run.close()
         return FinetuneOutcome(final_eval, state.best_score, state.step, preempted=preempted)
 
 
