@@ -9,17 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
 import pytest
 import torch
 
-from conftest import CLASSES
-from helpers import REPO, load_script
-from mambaout import create_model
-from mambaout.checkpoint import CheckpointError, save_weights
-from mambaout.config import load_config, to_yaml
-from mambaout.export import ONNX_OPSET, ExportError, OnnxModel, export_onnx
-from mambaout.inference import Preprocessing, load_classifier
+onnx = pytest.importorskip("onnx", reason="the ONNX tests need the dev extra (onnx, onnxscript, onnxruntime)")
+pytest.importorskip("onnxruntime", reason="the ONNX tests need the dev extra (onnx, onnxscript, onnxruntime)")
+
+from conftest import CLASSES  # noqa: E402
+from helpers import REPO, load_script  # noqa: E402
+from mambaout import create_model  # noqa: E402
+from mambaout.checkpoint import CheckpointError, save_weights  # noqa: E402
+from mambaout.config import load_config, to_yaml  # noqa: E402
+from mambaout.export import ONNX_OPSET, ExportError, OnnxModel, export_onnx  # noqa: E402
+from mambaout.inference import Preprocessing, load_classifier  # noqa: E402
 
 export_cli = load_script("export")
 validate_onnx_cli = load_script("validate_onnx")
