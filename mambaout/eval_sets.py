@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import timm.data
 import torch
@@ -80,13 +80,13 @@ def read_real_labels(path: str | Path) -> list[list[int]]:
     return labels
 
 
-def real_accuracy(predictions: list[tuple[int, int, list[int], list[float]]], image_names: Sequence[str],
+def real_accuracy(predictions: list[tuple[int, int, list[int], list[float]]], image_name: Callable[[int], str],
                   labels: list[list[int]]) -> dict[str, Any]:
     """ReaL top-1/top-5 of ``predictions`` (index, target, top classes, scores): an image counts when its
-    file name (``image_names[index]``) has a non-empty set of real labels."""
+    file name (``image_name(index)``) has a non-empty set of real labels."""
     correct1 = correct5 = counted = 0
     for index, _, classes, _ in predictions:
-        real = set(labels[_real_position(image_names[index], len(labels))])
+        real = set(labels[_real_position(image_name(index), len(labels))])
         if not real:
             continue
         counted += 1

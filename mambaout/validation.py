@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from .data import EvalBatchSampler, build_dataset
 from .data.pipeline import build_pipeline
 from .data.sources import plan_reads, source_options
 from .engine import evaluate
+from .export import OnnxModel
 from .eval_sets import (RestrictedLogits, check_targets_in_subset, eval_set_name, read_real_labels, real_accuracy,
                         subset_classes)
 from .inference import (Preprocessing, classifier_outputs, is_export_folder, pretrained_preprocessing,
@@ -59,6 +61,7 @@ class ValidationRequest:
     real_labels: str | None = None  # ReaL's real.json: top-1/top-5 against each image's set of real labels
     class_subset: str | None = None  # 'a', 'r' or a file: the logits restricted to those ImageNet-1k classes
     eval_set: str | None = None  # the set's name in the results; None = from the flags or the folder
+    onnx: OnnxModel | None = None  # an ONNX export of ``checkpoint``, run by onnxruntime instead of its weights
 
 
 def validate(cfg: Config, request: ValidationRequest, runtime: Runtime | None = None) -> dict[str, Any]:
@@ -72,11 +75,16 @@ def validate(cfg: Config, request: ValidationRequest, runtime: Runtime | None = 
 
 
 def _validate(cfg: Config, request: ValidationRequest, runtime: Runtime) -> dict[str, Any]:
-    weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
     pipeline = build_pipeline(cfg, runtime.kind, runtime.fixed_shapes)
     stage = pipeline.eval
-    dataset = build_eval_dataset(cfg, stage.reader, classes)
-    model = build_model(cfg.model.name, weights, dataset, request.checkpoint)
+    if request.onnx is not None:
+        model = request.onnx
+        dataset = build_eval_dataset(cfg, stage.reader, model.labels)
+        check_outputs(model.num_classes, dataset, request.checkpoint)
+    else:
+        weights, classes = read_checkpoint(request.checkpoint, cfg.eval.use_ema)
+        dataset = build_eval_dataset(cfg, stage.reader, classes)
+        model = build_model(cfg.model.name, weights, dataset, request.checkpoint)
     if request.class_subset:
         model = restricted(model, dataset, request.class_subset)
     real_labels = read_real_labels(request.real_labels) if request.real_labels else None
@@ -177,14 +185,18 @@ def build_eval_dataset(cfg: Config, reader, classes: list[str] | None = None):
 def build_model(name: str, weights: dict, dataset, source: str) -> nn.Module:
     """``name`` with ``weights``, whose classifier must predict the dataset's classes."""
     model = _create(name, num_classes=dataset.num_classes)
-    outputs = classifier_outputs(model, weights, source)
+    check_outputs(classifier_outputs(model, weights, source), dataset, source)
+    checkpoint.load_weights(model, weights, source=source)
+    return model
+
+
+def check_outputs(outputs: int, dataset, source: str) -> None:
+    """Refuses a classifier of ``outputs`` classes for a dataset of another count."""
     if outputs != dataset.num_classes:
         raise ValidationError(
             f"{source}: the model predicts {outputs} classes but the dataset '{dataset.root}' has "
             f"{dataset.num_classes}. Evaluate on the dataset it was trained on (ImageNet synset folders map "
             "to the 1000 classes), or pass a checkpoint of this project, which records its class list.")
-    checkpoint.load_weights(model, weights, source=source)
-    return model
 
 
 def restricted(model: nn.Module, dataset, subset: str) -> nn.Module:
@@ -234,14 +246,17 @@ def _summary(cfg: Config, request: ValidationRequest, result: dict[str, Any], mo
         "use_ema": cfg.eval.use_ema,
         **result,
         "bad_images_skipped": bad_images,
-        "params": sum(p.numel() for p in model.parameters()),
-        "gmacs": round(_gmacs(cfg.model.name, dataset.num_classes, size), 4),
         "img_per_s": round(result["count"] / max(seconds, 1e-9), 2),
         "devices": runtime.num_shards,
         "device": runtime.kind,
         "precision": cfg.train.precision,
         "versions": software_versions(),
     }
+    if request.onnx is None:  # an ONNX graph has no parameters to count
+        summary["params"] = sum(p.numel() for p in model.parameters())
+        summary["gmacs"] = round(_gmacs(cfg.model.name, dataset.num_classes, size), 4)
+    else:
+        summary["versions"]["onnxruntime"] = version("onnxruntime")
     reference = published_reference(cfg.model.name, dataset.num_classes, size, cfg.eval.crop_pct,
                                      cfg.eval.interpolation)
     if reference:
@@ -259,8 +274,8 @@ def _eval_set_results(request: ValidationRequest, result, dataset, real_labels: 
         extra["class_subset"] = request.class_subset
     if real_labels is not None:
         bad = set(result.bad_indices)
-        names = [dataset.describe(index) for index in range(len(dataset))]
-        extra.update(real_accuracy([row for row in result.predictions if row[0] not in bad], names, real_labels))
+        extra.update(real_accuracy([row for row in result.predictions if row[0] not in bad], dataset.describe,
+                                   real_labels))
     return extra
 
 
@@ -272,9 +287,11 @@ def _gmacs(model_name: str, num_classes: int, img_size: int) -> float:
 
 
 def _report(summary: dict[str, Any]) -> None:
-    line = (f"{summary['model']} @ {summary['img_size']}px on {summary['count']} images of {summary['eval_set']}: "
-            f"top-1 {summary['top1']:.3f}  top-5 {summary['top5']:.3f}  loss {summary['loss']:.4f}  "
-            f"({summary['img_per_s']:.1f} img/s, {summary['params']:,} params, {summary['gmacs']:.2f} GMACs)")
+    counts = f", {summary['params']:,} params, {summary['gmacs']:.2f} GMACs" if "params" in summary else ""
+    runner = "" if "onnxruntime" not in summary["versions"] else " (onnxruntime)"
+    line = (f"{summary['model']}{runner} @ {summary['img_size']}px on {summary['count']} images of "
+            f"{summary['eval_set']}: top-1 {summary['top1']:.3f}  top-5 {summary['top5']:.3f}  loss "
+            f"{summary['loss']:.4f}  ({summary['img_per_s']:.1f} img/s{counts})")
     if "published_top1" in summary:
         paper = f", paper {summary['paper_top1']:.1f}" if "paper_top1" in summary else ""
         line += (f"\n  published top-1 {summary['published_top1']:.3f} (timm, released weights{paper}): "
